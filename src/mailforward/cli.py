@@ -1,0 +1,212 @@
+"""The ``mailforward`` command: thin wrappers over the modules that do the work.
+
+Exit codes: 0 success; 1 an operational failure (database unreachable, ...);
+2 bad input or configuration, with a message naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict
+from typing import Any, TypeVar
+
+import click
+
+from .admin import Admin, AliasRow, DomainRow
+from .config import Settings, load_settings
+from .errors import AddressError, AdminError, ConfigError, MailforwardError
+from .tables import open_admin_database
+
+T = TypeVar("T")
+
+
+class UsageFailure(click.ClickException):
+    """Bad input or configuration: exit code 2, like click's own usage errors."""
+
+    exit_code = 2
+
+
+def settings_from(ctx: click.Context) -> Settings:
+    obj: dict[str, Any] = ctx.ensure_object(dict)
+    if "settings" not in obj:
+        try:
+            obj["settings"] = load_settings(obj.get("config_path"))
+        except ConfigError as e:
+            raise UsageFailure(f"configuration: {e}") from None
+    settings: Settings = obj["settings"]
+    return settings
+
+
+def run_admin(ctx: click.Context, action: Callable[[Admin], Awaitable[T]]) -> T:
+    """Open the database, run one admin action, close it; map our errors to exit codes."""
+    settings = settings_from(ctx)
+
+    async def go() -> T:
+        db = await open_admin_database(settings.database)
+        try:
+            return await action(Admin(db))
+        finally:
+            await db.close()
+
+    try:
+        return asyncio.run(go())
+    except (AdminError, AddressError) as e:
+        raise UsageFailure(str(e)) from None
+    except MailforwardError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    for line in [headers, *rows]:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+
+
+def print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+@click.group()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Config file (default: ./mailforward.toml when present).")
+@click.version_option(package_name="mailforward")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
+    """mailforward: a stateless mail-forwarding server."""
+    ctx.ensure_object(dict)["config_path"] = config_path
+
+
+# ---------------------------------------------------------------- db
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("init")
+@click.pass_context
+def db_init(ctx: click.Context) -> None:
+    """Create the seed's domain and alias tables (safe to run twice)."""
+    run_admin(ctx, lambda admin: admin.init_schema())
+    click.echo("database initialised")
+
+
+# ---------------------------------------------------------------- domains
+
+
+@main.group()
+def domain() -> None:
+    """Hosted domains."""
+
+
+@domain.command("add")
+@click.argument("name")
+@click.pass_context
+def domain_add(ctx: click.Context, name: str) -> None:
+    """Host a new domain (active)."""
+    click.echo(f"added domain {run_admin(ctx, lambda a: a.add_domain(name))}")
+
+
+@domain.command("list")
+@json_option
+@click.pass_context
+def domain_list(ctx: click.Context, as_json: bool) -> None:
+    """List hosted domains."""
+    rows: list[DomainRow] = run_admin(ctx, lambda a: a.list_domains())
+    if as_json:
+        print_json([asdict(r) for r in rows])
+    else:
+        print_table(["DOMAIN", "ACTIVE", "ALIASES"],
+                    [[r.name, "yes" if r.active else "no", str(r.aliases)] for r in rows])
+
+
+@domain.command("enable")
+@click.argument("name")
+@click.pass_context
+def domain_enable(ctx: click.Context, name: str) -> None:
+    """Accept mail for a domain again."""
+    click.echo(f"enabled domain {run_admin(ctx, lambda a: a.set_domain_active(name, True))}")
+
+
+@domain.command("disable")
+@click.argument("name")
+@click.pass_context
+def domain_disable(ctx: click.Context, name: str) -> None:
+    """Stop accepting mail for a domain (its aliases are kept)."""
+    click.echo(f"disabled domain {run_admin(ctx, lambda a: a.set_domain_active(name, False))}")
+
+
+@domain.command("remove")
+@click.argument("name")
+@click.pass_context
+def domain_remove(ctx: click.Context, name: str) -> None:
+    """Remove a domain that has no aliases left."""
+    click.echo(f"removed domain {run_admin(ctx, lambda a: a.remove_domain(name))}")
+
+
+# ---------------------------------------------------------------- aliases
+
+
+@main.group()
+def alias() -> None:
+    """Aliases: ADDRESS (or @domain for a catch-all) forwards to destinations."""
+
+
+@alias.command("add")
+@click.argument("address")
+@click.argument("destinations")
+@click.pass_context
+def alias_add(ctx: click.Context, address: str, destinations: str) -> None:
+    """Forward ADDRESS to DESTINATIONS (comma-separated)."""
+    row: AliasRow = run_admin(ctx, lambda a: a.add_alias(address, destinations))
+    click.echo(f"added alias {row.address} -> {','.join(row.destinations)}")
+
+
+@alias.command("list")
+@click.argument("domain_name", metavar="[DOMAIN]", required=False)
+@json_option
+@click.pass_context
+def alias_list(ctx: click.Context, domain_name: str | None, as_json: bool) -> None:
+    """List aliases, optionally of one domain."""
+    rows: list[AliasRow] = run_admin(ctx, lambda a: a.list_aliases(domain_name))
+    if as_json:
+        print_json([{"address": r.address, "destinations": list(r.destinations),
+                     "active": r.active} for r in rows])
+    else:
+        print_table(["ALIAS", "ACTIVE", "DESTINATIONS"],
+                    [[r.address, "yes" if r.active else "no", ",".join(r.destinations)] for r in rows])
+
+
+@alias.command("enable")
+@click.argument("address")
+@click.pass_context
+def alias_enable(ctx: click.Context, address: str) -> None:
+    """Forward mail for an alias again."""
+    click.echo(f"enabled alias {run_admin(ctx, lambda a: a.set_alias_active(address, True))}")
+
+
+@alias.command("disable")
+@click.argument("address")
+@click.pass_context
+def alias_disable(ctx: click.Context, address: str) -> None:
+    """Reject mail for an alias (550 User unknown) without deleting it."""
+    click.echo(f"disabled alias {run_admin(ctx, lambda a: a.set_alias_active(address, False))}")
+
+
+@alias.command("remove")
+@click.argument("address")
+@click.pass_context
+def alias_remove(ctx: click.Context, address: str) -> None:
+    """Delete an alias."""
+    click.echo(f"removed alias {run_admin(ctx, lambda a: a.remove_alias(address))}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Settings: one TOML file plus ``MAILFORWARD_<SECTION>__<KEY>`` overrides.
+
+Every setting has a documented default (``docs/configuration.md``), like
+``postconf -d``.  The result is a tree of small frozen dataclasses that is
+passed down explicitly; nothing reads configuration from a global.
+
+Validation happens here, once, at start-up: an unknown key or a bad value
+raises :class:`ConfigError` naming ``[section] key``, so a typo stops the
+program instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import socket
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_FILE = "mailforward.toml"
+ENV_PREFIX = "MAILFORWARD_"
+
+# The seed document's three Postfix lookups, with Postfix's '%s' / '%d'
+# expansions written as one bound parameter.
+SEED_DOMAIN_QUERY = "SELECT 1 FROM domain WHERE name=%s AND active=1"
+SEED_ALIAS_QUERY = "SELECT goto, address FROM alias WHERE address=%s AND active=1"
+SEED_SENDER_DOMAIN_QUERY = (
+    "SELECT 'REJECT forged local sender' FROM domain WHERE active=1 AND name=%s LIMIT 1"
+)
+
+
+def _hostname() -> str:
+    # gethostname() never touches DNS, unlike getfqdn().
+    return socket.gethostname() or "localhost"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    hostname: str = field(default_factory=_hostname)
+    listen: tuple[str, ...] = ("127.0.0.1:2525",)
+    mynetworks: tuple[str, ...] = ()
+    recipient_delimiter: str = ""
+    message_size_limit: int = 10_240_000
+    recipient_limit: int = 1000
+    client_connection_count_limit: int = 15
+    client_connection_rate_limit: int = 60
+    client_connection_rate_time_unit: int = 60
+    command_timeout: float = 300.0
+    hard_error_limit: int = 20
+    hopcount_limit: int = 50
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    def __post_init__(self) -> None:
+        for item in self.listen:
+            parse_host_port(item, "[server] listen")
+        for net in self.mynetworks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ConfigError(f"[server] mynetworks: {net!r} is not a CIDR network") from None
+        if len(self.recipient_delimiter) > 1:
+            raise ConfigError("[server] recipient_delimiter: must be one character or empty")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("[server] tls_cert and tls_key: set both or neither")
+        _positive(self, "server", "message_size_limit", "recipient_limit",
+                  "client_connection_count_limit", "client_connection_rate_limit",
+                  "client_connection_rate_time_unit", "command_timeout",
+                  "hard_error_limit", "hopcount_limit")
+
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        return [parse_host_port(item, "[server] listen") for item in self.listen]
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = "sqlite:///mailforward.db"
+    connect_timeout: float = 5.0
+    query_timeout: float = 5.0
+    pool_size: int = 10
+    cache_ttl: float = 60.0
+    negative_cache_ttl: float = 10.0
+    domain_query: str = SEED_DOMAIN_QUERY
+    alias_query: str = SEED_ALIAS_QUERY
+    sender_domain_query: str = SEED_SENDER_DOMAIN_QUERY
+
+    def __post_init__(self) -> None:
+        parse_database_url(self.url)
+        _positive(self, "database", "connect_timeout", "query_timeout", "pool_size")
+        for name in ("cache_ttl", "negative_cache_ttl"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"[database] {name}: must not be negative")
+        for name in ("domain_query", "alias_query", "sender_domain_query"):
+            query = getattr(self, name)
+            if count_parameters(query) != 1:
+                raise ConfigError(f"[database] {name}: needs exactly one %s (or %d) parameter")
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+
+
+@dataclass(frozen=True)
+class DatabaseUrl:
+    """A parsed ``[database] url``: ``sqlite:///path`` or ``mysql://...``."""
+
+    scheme: str  # "sqlite" or "mysql"
+    path: str = ""  # sqlite only
+    user: str = ""
+    password: str = ""
+    hosts: tuple[tuple[str, int], ...] = ()
+    dbname: str = ""
+
+
+def parse_database_url(url: str) -> DatabaseUrl:
+    """Parse the database URL; several ``host:port`` (comma-separated) fail over in order."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ConfigError(f"[database] url: {url!r} is not a URL (sqlite:///path or mysql://...)")
+    scheme = scheme.lower()
+    if scheme == "sqlite":
+        if not rest.startswith("/") or rest == "/":
+            raise ConfigError("[database] url: write sqlite:///relative/path or sqlite:////absolute/path")
+        return DatabaseUrl("sqlite", path=rest[1:])
+    if scheme not in ("mysql", "mariadb"):
+        raise ConfigError(f"[database] url: unsupported scheme {scheme!r} (use sqlite, mysql or mariadb)")
+    netloc, _, dbname = rest.partition("/")
+    credentials, at, hostlist = netloc.rpartition("@")
+    if not at:
+        credentials, hostlist = "", netloc
+    user, _, password = credentials.partition(":")
+    if not dbname or not hostlist:
+        raise ConfigError("[database] url: mysql URLs need a host and a database name")
+    hosts = tuple(parse_host_port(h, "[database] url", default_port=3306) for h in hostlist.split(","))
+    return DatabaseUrl("mysql", user=unquote(user), password=unquote(password),
+                       hosts=hosts, dbname=unquote(dbname))
+
+
+def parse_host_port(text: str, key: str, default_port: int | None = None) -> tuple[str, int]:
+    """Split ``host:port`` or ``[v6]:port``; the port is required unless a default is given."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]")
+        port = port.removeprefix(":")
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, ""
+    if not port and default_port is not None:
+        return host, default_port
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: {text!r} is not host:port")
+    return host, int(port)
+
+
+def count_parameters(query: str) -> int:
+    return query.count("%s") + query.count("%d")
+
+
+def _positive(obj: object, section: str, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ConfigError(f"[{section}] {name}: must be greater than zero")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the config file (explicit path, else ./mailforward.toml, else none) and the environment."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_toml(Path(path))
+    elif Path(DEFAULT_CONFIG_FILE).is_file():
+        raw = _read_toml(Path(DEFAULT_CONFIG_FILE))
+    _apply_environment(raw, environ)
+    return build_settings(raw)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+
+
+def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        section, sep, key = name[len(ENV_PREFIX):].lower().partition("__")
+        if not sep or not key:
+            raise ConfigError(f"environment {name}: write MAILFORWARD_<SECTION>__<KEY>")
+        target = raw.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"environment {name}: [{section}] is not a section")
+        target[key] = _EnvText(value)
+
+
+class _EnvText(str):
+    """A value from the environment: still text, coerced to the field's type later."""
+
+
+def build_settings(raw: Mapping[str, Any]) -> Settings:
+    sections: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        section_cls = typing.get_type_hints(Settings)[f.name]
+        sections[f.name] = _build_section(f.name, section_cls, raw.get(f.name, {}))
+    for name in raw:
+        if name not in sections:
+            raise ConfigError(f"[{name}]: unknown section")
+    return Settings(**sections)
+
+
+def _build_section(section: str, cls: type[Any], values: Any) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"[{section}]: must be a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"[{section}] {key}: unknown key")
+        kwargs[key] = _coerce(f"[{section}] {key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def _coerce(name: str, value: Any, kind: Any) -> Any:
+    from_env = isinstance(value, _EnvText)
+    if kind is bool:
+        if from_env and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if from_env and value.strip().lstrip("-").isdigit():
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if from_env:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return str(value)
+    elif typing.get_origin(kind) is tuple:
+        if from_env:
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{name}: must be a list of strings")
+    raise ConfigError(f"{name}: {value!r} is not a valid {getattr(kind, '__name__', kind)}")

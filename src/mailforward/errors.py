@@ -1,0 +1,30 @@
+"""The exception hierarchy: one root, so callers can catch everything of ours.
+
+Errors are types; ``smtpd.replies`` is the one place that turns them into
+SMTP replies, and the CLI turns them into messages with exit codes.
+"""
+
+
+class MailforwardError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class ConfigError(MailforwardError):
+    """The configuration is invalid; the message names the offending key."""
+
+
+class TemporaryLookupError(MailforwardError):
+    """A lookup table could not answer (server down, timeout, lost connection).
+
+    Like Postfix's ``DICT_ERR_RETRY``: never to be confused with "not found".
+    The SMTP layer answers it with ``451 4.3.0`` so no mail bounces during an
+    outage.
+    """
+
+
+class AddressError(MailforwardError):
+    """An address or domain is not syntactically valid."""
+
+
+class AdminError(MailforwardError):
+    """An admin operation was refused (duplicate, unknown domain, ...)."""
