@@ -7,6 +7,7 @@ looks them up), and every refusal is an ``AdminError`` written for humans.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,8 +90,11 @@ class Admin:
         await self._db.commit()
 
     async def init_schema(self) -> None:
-        for statement in self._db.ddl:
-            await self._db.execute(statement)
+        with warnings.catch_warnings():
+            # MariaDB warns "table already exists" on a second run; that is the point.
+            warnings.simplefilter("ignore")
+            for statement in self._db.ddl:
+                await self._db.execute(statement)
         await self._db.commit()
 
     # ------------------------------------------------------------ domains

@@ -1,7 +1,8 @@
 """The seed document's tables, exactly as it creates them.
 
 ``db init`` runs this DDL unchanged on MariaDB (only ``IF NOT EXISTS`` added,
-so it may be run twice), and an equivalent on SQLite.  Note the ``id``
+so it may be run twice), and an equivalent on SQLite, where ``COLLATE NOCASE``
+mirrors the case-insensitive matching of the seed's utf8mb4 collation.  Note the ``id``
 columns have no AUTO_INCREMENT: the admin code picks the next id itself.
 """
 
@@ -34,12 +35,12 @@ FOREIGN KEY (`domain_id`) REFERENCES `domain` (`id`)
 SQLITE_DDL = (
     """CREATE TABLE IF NOT EXISTS domain (
 id INTEGER NOT NULL PRIMARY KEY,
-name VARCHAR(255) NOT NULL UNIQUE,
+name VARCHAR(255) NOT NULL COLLATE NOCASE UNIQUE,
 active TINYINT(1) DEFAULT 1
 )""",
     """CREATE TABLE IF NOT EXISTS alias (
 id INTEGER NOT NULL PRIMARY KEY,
-address VARCHAR(255) NOT NULL UNIQUE,
+address VARCHAR(255) NOT NULL COLLATE NOCASE UNIQUE,
 goto VARCHAR(255) NOT NULL,
 active TINYINT(1) DEFAULT 1,
 domain_id INTEGER NOT NULL REFERENCES domain (id),
