@@ -111,3 +111,19 @@ async def seed_reference_data(settings: DatabaseSettings) -> None:
 async def seeded_settings(db_settings: DatabaseSettings) -> AsyncIterator[DatabaseSettings]:
     await seed_reference_data(db_settings)
     yield db_settings
+
+
+@pytest.fixture
+def seeded_database(db_settings: DatabaseSettings) -> DatabaseSettings:
+    """The reference rows, seeded synchronously (for tests that run servers in threads)."""
+    import asyncio
+    asyncio.run(seed_reference_data(db_settings))
+    return db_settings
+
+
+@pytest.fixture
+def smtp_server(seeded_database: DatabaseSettings) -> Iterator["ServerThread"]:
+    from smtp_harness import ServerThread
+    server = ServerThread(seeded_database)
+    yield server
+    server.close()

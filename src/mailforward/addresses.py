@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import idna
 
@@ -36,6 +36,12 @@ class Address:
 
     local: str
     domain: str
+    written_domain: str = field(default="", compare=False)
+
+    @property
+    def as_written(self) -> str:
+        """Unquoted, domain as the client spelled it: how Postfix echoes an address in replies."""
+        return f"{self.local}@{self.written_domain or self.domain}"
 
     @property
     def is_literal(self) -> bool:
@@ -97,6 +103,10 @@ def parse_address_literal(text: str) -> str:
 
 def parse_mailbox(text: str) -> Address:
     """Parse ``local@domain`` (no angle brackets) as RFC 5321 ``Mailbox``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes from the wire (surrogate escapes)
+        raise AddressError("address is not valid UTF-8") from None
     if text.startswith('"'):
         m = _QUOTED_STRING.match(text)
         if not m:
@@ -117,8 +127,8 @@ def parse_mailbox(text: str) -> Address:
     if not local:
         raise AddressError("empty local part")
     if domain_text.startswith("[") and domain_text.endswith("]"):
-        return Address(local, parse_address_literal(domain_text))
-    return Address(local, normalize_domain(domain_text))
+        return Address(local, parse_address_literal(domain_text), domain_text)
+    return Address(local, normalize_domain(domain_text), domain_text)
 
 
 def parse_address(text: str) -> Address:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
@@ -80,6 +81,26 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 def main(ctx: click.Context, config_path: str | None) -> None:
     """mailforward: a stateless mail-forwarding server."""
     ctx.ensure_object(dict)["config_path"] = config_path
+
+
+# ---------------------------------------------------------------- serve
+
+
+@main.command()
+@click.pass_context
+def serve(ctx: click.Context) -> None:
+    """Run the SMTP server on [server] listen until SIGTERM/SIGINT."""
+    from .smtpd.server import run
+
+    settings = settings_from(ctx)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s[%(process)d]: %(message)s")
+    try:
+        asyncio.run(run(settings))
+    except MailforwardError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot listen: {e}") from None
 
 
 # ---------------------------------------------------------------- db

@@ -105,9 +105,30 @@ class DatabaseSettings:
 
 
 @dataclass(frozen=True)
+class DeliverySettings:
+    relay_host: str = ""
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.relay_host:
+            self.relay_address()
+        _positive(self, "delivery", "connect_timeout", "command_timeout")
+
+    def relay_address(self) -> tuple[str, int]:
+        """``host``, ``host:port`` or Postfix's ``[host]:port`` (brackets: no MX lookup)."""
+        text = self.relay_host.strip()
+        if text.startswith("[") and "]" in text and not text.startswith("[IPv6"):
+            host, _, rest = text[1:].partition("]")
+            text = f"{host}{rest}" if ":" not in host else f"[{host}]{rest}"
+        return parse_host_port(text, "[delivery] relay_host", default_port=25)
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
 
 
 @dataclass(frozen=True)
@@ -158,7 +179,7 @@ def parse_host_port(text: str, key: str, default_port: int | None = None) -> tup
         host, port = text, ""
     if not port and default_port is not None:
         return host, default_port
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"{key}: {text!r} is not host:port")
     return host, int(port)
 

@@ -1,0 +1,45 @@
+"""The delivery interface: one accepted transaction in, one SMTP reply out.
+
+The reply is what the inbound client is told (pass-through acknowledgement):
+250 only when every destination has the message or it is safely on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..smtpd.replies import OK, Reply, queued
+
+
+@dataclass(frozen=True)
+class Message:
+    """An envelope and its raw content, ready to leave."""
+
+    queue_id: str
+    sender: str  # "" is the null sender
+    recipients: tuple[str, ...]  # final destinations after alias expansion
+    content: bytes
+    client_ip: str = ""
+    smtputf8: bool = False
+
+
+class Delivery(Protocol):
+    async def deliver(self, message: Message) -> Reply: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class RecordingDelivery:
+    """Keeps messages in memory and answers with ``reply``: for tests, nothing else."""
+
+    reply: Reply = OK
+    messages: list[Message] = field(default_factory=list)
+
+    async def deliver(self, message: Message) -> Reply:
+        self.messages.append(message)
+        return queued(message.queue_id) if self.reply == OK else self.reply
+
+    async def close(self) -> None:
+        pass

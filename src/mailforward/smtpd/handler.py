@@ -1,0 +1,214 @@
+"""The thin handler between the protocol engine and policy.
+
+One method per SMTP phase.  Each parses what the protocol engine handed
+over, asks policy (``policy``, ``aliases``), and returns a ``Reply``.  The
+DATA phase hands the accepted transaction to the delivery interface, whose
+reply goes back to the client unchanged (pass-through acknowledgement).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import ipaddress
+import logging
+import secrets
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ..addresses import Address, parse_mailbox, strip_source_route
+from ..aliases import NoDestination, expand_alias
+from ..config import ServerSettings
+from ..delivery.base import Delivery, Message
+from ..errors import AddressError, TemporaryLookupError
+from ..tables import LookupTable
+from . import policy, replies
+from .limits import ClientLimits
+from .protocol import ClientSession, Transaction
+from .replies import Reply
+
+if TYPE_CHECKING:
+    from .protocol import SmtpProtocol
+
+log = logging.getLogger("mailforward.smtpd")
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def new_queue_id() -> str:
+    return secrets.token_hex(5).upper()
+
+
+class SmtpHandler:
+    def __init__(self, settings: ServerSettings, table: LookupTable, delivery: Delivery) -> None:
+        self.settings = settings
+        self.table = table
+        self.delivery = delivery
+        self.mynetworks: Sequence[IpNetwork] = [
+            ipaddress.ip_network(n, strict=False) for n in settings.mynetworks]
+        self.limits = ClientLimits(settings.client_connection_count_limit,
+                                   settings.client_connection_rate_limit,
+                                   settings.client_connection_rate_time_unit)
+
+    # ------------------------------------------------------------ connection
+
+    def in_mynetworks(self, ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in net for net in self.mynetworks)
+
+    def client_connected(self, session: ClientSession, transport: asyncio.BaseTransport) -> Reply | None:
+        """Note who the client is; refuse it (421) when over its connection limits."""
+        peer = transport.get_extra_info("peername") or ("", 0)
+        sock = transport.get_extra_info("sockname") or ("", 0)
+        session.client_ip, session.local_ip = str(peer[0]), str(sock[0])
+        session.in_mynetworks = self.in_mynetworks(session.client_ip)
+        if not session.in_mynetworks and not self.limits.connect(session.client_ip):
+            log.warning("client=%s refused: too many connections", session.client_ip)
+            return replies.too_many_connections(self.settings.hostname, session.client_ip)
+        session.admitted = not session.in_mynetworks
+        return None
+
+    def client_disconnected(self, session: ClientSession) -> None:
+        self.limits.disconnect(session.client_ip)
+
+    # ------------------------------------------------------------ MAIL
+
+    async def handle_MAIL(self, server: SmtpProtocol, session: ClientSession, envelope: Transaction,
+                          path: str, params: list[str]) -> Reply:
+        refusal = self._check_mail_parameters(envelope, params)
+        if refusal is not None:
+            return refusal
+        if path:
+            try:
+                envelope.sender = parse_mailbox(strip_source_route(path))
+            except AddressError:
+                return replies.BAD_SENDER_SYNTAX
+        envelope.has_sender = True
+        envelope.mail_from = str(envelope.sender) if envelope.sender else ""
+        return replies.SENDER_OK
+
+    def _check_mail_parameters(self, envelope: Transaction, params: list[str]) -> Reply | None:
+        for param in params:
+            name, _, value = param.partition("=")
+            name = name.upper()
+            if name == "SIZE" and value.isdigit():
+                if int(value) > self.settings.message_size_limit:
+                    return replies.MESSAGE_TOO_BIG_DECLARED
+            elif name == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
+                pass
+            elif name == "SMTPUTF8" and not value:
+                envelope.smtp_utf8 = True
+            else:
+                return replies.BAD_PARAMETER
+            envelope.mail_options.append(param)
+        return None
+
+    # ------------------------------------------------------------ RCPT
+
+    async def handle_RCPT(self, server: SmtpProtocol, session: ClientSession, envelope: Transaction,
+                          path: str) -> Reply:
+        if len(envelope.rcpt_tos) >= self.settings.recipient_limit:
+            return replies.TOO_MANY_RECIPIENTS
+        reply = await self._accept_recipient(session, envelope, path)
+        if reply.is_success:
+            envelope.rcpt_tos.append(path)
+        else:
+            log.info("reject: RCPT from %s: %s; from=<%s> to=<%s> helo=<%s>", session.client_ip,
+                     reply, envelope.mail_from, path, session.host_name)
+        return reply
+
+    async def _accept_recipient(self, session: ClientSession, envelope: Transaction, path: str) -> Reply:
+        if not path:
+            return replies.BAD_RECIPIENT_SYNTAX
+        try:
+            mailbox = strip_source_route(path)
+        except AddressError:
+            return replies.BAD_RECIPIENT_SYNTAX
+        ctx = policy.PolicyContext(self.table, session.client_ip, session.local_ip,
+                                   session.in_mynetworks, session.host_name, envelope.sender)
+        rejection = (await policy.run_checks(policy.HELO_CHECKS, ctx)
+                     or await policy.run_checks(policy.SENDER_CHECKS, ctx))
+        if rejection is not None:
+            return _about(rejection, mailbox)
+        if "@" not in mailbox:
+            return replies.RELAY_DENIED.about(mailbox)  # not fully qualified: never ours
+        try:
+            recipient = parse_mailbox(mailbox)
+        except AddressError:
+            return replies.BAD_RECIPIENT_SYNTAX
+        ctx = policy.PolicyContext(self.table, session.client_ip, session.local_ip,
+                                   session.in_mynetworks, session.host_name, envelope.sender,
+                                   recipient)
+        rejection = await policy.run_checks(policy.RELAY_CHECKS, ctx)
+        if rejection is not None:
+            return _about(rejection, recipient.as_written)
+        return await self._resolve(session, envelope, recipient)
+
+    async def _resolve(self, session: ClientSession, envelope: Transaction, recipient: Address) -> Reply:
+        """Expand the alias; a mynetworks client may also relay to a domain we do not host."""
+        try:
+            hosted = await self.table.domain_is_hosted(recipient.domain)
+            if not hosted and session.in_mynetworks:
+                destinations: tuple[str, ...] | None = (str(recipient),)
+            else:
+                destinations = await expand_alias(self.table, recipient,
+                                                  self.settings.recipient_delimiter)
+        except TemporaryLookupError as error:
+            log.warning("lookup for %s failed: %s", recipient.key, error)
+            return replies.TEMPORARY_LOOKUP_FAILURE.about(recipient.as_written)
+        except NoDestination as error:
+            log.warning("%s", error)
+            reply = replies.ALIAS_LOOP if error.loop else replies.USER_UNKNOWN
+            return reply.about(recipient.as_written)
+        if destinations is None:
+            return replies.USER_UNKNOWN.about(recipient.as_written)
+        for dest in destinations:
+            if dest not in envelope.destinations:
+                envelope.destinations.append(dest)
+        return replies.RECIPIENT_OK
+
+    # ------------------------------------------------------------ DATA
+
+    async def handle_DATA(self, server: SmtpProtocol, session: ClientSession, envelope: Transaction,
+                          content: bytes) -> Reply:
+        queue_id = new_queue_id()
+        if count_received_headers(content) > self.settings.hopcount_limit:
+            reply = replies.TOO_MANY_HOPS
+        else:
+            received = self._received_header(session, server, queue_id)
+            message = Message(queue_id, envelope.mail_from, tuple(envelope.destinations),
+                              received + content, session.client_ip, envelope.smtp_utf8)
+            try:
+                reply = await self.delivery.deliver(message)
+            except Exception as error:
+                log.error("%s: delivery failed", queue_id, exc_info=error)
+                reply = replies.reply_for_error(error)
+        log.info("%s: client=%s helo=<%s> from=<%s> rcpt=%s to=%s size=%d status=%s",
+                 queue_id, session.client_ip, session.host_name, envelope.mail_from,
+                 ",".join(f"<{r}>" for r in envelope.rcpt_tos),
+                 ",".join(f"<{d}>" for d in envelope.destinations), len(content),
+                 f"{reply.code} {reply.status}")
+        return reply
+
+    def _received_header(self, session: ClientSession, server: SmtpProtocol, queue_id: str) -> bytes:
+        protocol = "ESMTP" if session.extended_smtp else "SMTP"
+        if session.ssl is not None:
+            protocol += "S"
+        helo = session.host_name.encode("utf-8", "surrogateescape").decode("ascii", "replace")
+        return (f"Received: from {helo} ([{session.client_ip}])\r\n"
+                f"\tby {self.settings.hostname} (mailforward) with {protocol} id {queue_id};\r\n"
+                f"\t{email.utils.formatdate(localtime=True)}\r\n").encode()
+
+
+def _about(reply: Reply, subject: str) -> Reply:
+    """A tempfail from a check names the address, as Postfix's ``<addr>: Temporary lookup failure``."""
+    return reply.about(subject) if reply == replies.TEMPORARY_LOOKUP_FAILURE else reply
+
+
+def count_received_headers(content: bytes) -> int:
+    """Received: lines in the header section (up to the first empty line)."""
+    header, _, _ = content.partition(b"\r\n\r\n")
+    return sum(1 for line in header.split(b"\r\n") if line[:9].lower() == b"received:")

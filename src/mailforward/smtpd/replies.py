@@ -1,0 +1,120 @@
+"""Every SMTP reply the server sends, in one table.
+
+Texts follow Postfix's, so operators' log-reading habits and the reference
+stack's recorded replies (shared/peer/peer-results.json) carry over.  Each
+error has an RFC 3463 enhanced status code.  Exceptions are mapped to
+replies here and nowhere else (:func:`reply_for_error`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import TemporaryLookupError
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    status: str  # enhanced status code, "" only for 220/354 style replies
+    text: str
+
+    def __str__(self) -> str:
+        return " ".join(part for part in (str(self.code), self.status, self.text) if part)
+
+    @property
+    def is_success(self) -> bool:
+        return self.code < 400
+
+    @property
+    def is_temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    def about(self, subject: str) -> Reply:
+        """The same reply about ``<subject>``, as Postfix prefixes restriction rejects."""
+        return Reply(self.code, self.status, f"<{subject}>: {self.text}")
+
+
+# --- success
+OK = Reply(250, "2.0.0", "Ok")
+SENDER_OK = Reply(250, "2.1.0", "Ok")
+RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+BYE = Reply(221, "2.0.0", "Bye")
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+
+
+def queued(queue_id: str) -> Reply:
+    return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+# --- policy rejections (texts are Postfix's; ``.about(address)`` adds the address)
+RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+USER_UNKNOWN = Reply(550, "5.1.1", "Recipient address rejected: User unknown")
+FORGED_LOCAL_SENDER = Reply(554, "5.7.1", "Sender address rejected: forged local sender")
+SRS_SENDER_INBOUND = Reply(554, "5.7.1", "Sender address rejected: SRS sender not accepted inbound")
+INVALID_HELO = Reply(501, "5.5.2", "Helo command rejected: Invalid name")
+TEMPORARY_LOOKUP_FAILURE = Reply(451, "4.3.0", "Temporary lookup failure")
+ALIAS_LOOP = Reply(550, "5.4.6", "Recipient address rejected: alias expansion loop")
+TOO_MANY_HOPS = Reply(554, "5.4.6", "Error: too many hops")
+
+# --- protocol errors
+NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+UNRECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
+VRFY_DISABLED = Reply(502, "5.5.1", "VRFY command is disabled")
+AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
+ETRN_REFUSED = Reply(459, "4.3.0", "service unavailable")
+BAD_SYNTAX = Reply(500, "5.5.2", "Error: bad syntax")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Error: command line too long")
+BARE_NEWLINE = Reply(521, "5.5.2", "Error: bare <LF> received")
+HELO_SYNTAX = Reply(501, "5.5.4", "Syntax: HELO hostname")
+EHLO_SYNTAX = Reply(501, "5.5.4", "Syntax: EHLO hostname")
+MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")
+BAD_PARAMETER = Reply(555, "5.5.4", "Unsupported option")
+SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Error: SMTPUTF8 is required for this address")
+ARGUMENT_NOT_ALLOWED = Reply(501, "5.5.4", "Syntax: command takes no argument")
+
+# --- limits
+MESSAGE_TOO_BIG_DECLARED = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message file too big")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
+
+
+def too_many_connections(hostname: str, ip: str) -> Reply:
+    return Reply(421, "4.7.0", f"{hostname} Error: too many connections from {ip}")
+
+
+def too_many_errors(hostname: str) -> Reply:
+    return Reply(421, "4.7.0", f"{hostname} Error: too many errors")
+
+
+def timeout_exceeded(hostname: str) -> Reply:
+    return Reply(421, "4.4.2", f"{hostname} Error: timeout exceeded")
+
+
+# --- failures of our own
+INTERNAL_ERROR = Reply(451, "4.3.0", "Error: internal error, try again later")
+DELIVERY_UNCONFIGURED = Reply(451, "4.3.5", "Error: no delivery route configured")
+
+
+def reply_for_error(error: BaseException) -> Reply:
+    """The single mapping from our exception types to SMTP replies.
+
+    Anything we do not recognise is an internal error: a 451 that reveals no
+    internal text, so the sender keeps the message and retries.
+    """
+    if isinstance(error, TemporaryLookupError):
+        return TEMPORARY_LOOKUP_FAILURE
+    return INTERNAL_ERROR

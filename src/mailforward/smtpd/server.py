@@ -1,0 +1,80 @@
+"""Listeners: one asyncio server per ``[server] listen`` address, TLS when configured."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+
+from ..config import Settings
+from ..delivery import build_delivery
+from ..delivery.base import Delivery
+from ..tables import LookupTable, open_table
+from .handler import SmtpHandler
+from .protocol import SmtpProtocol
+
+log = logging.getLogger("mailforward.smtpd")
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext | None:
+    if not cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+class MailServer:
+    """The inbound side: listeners sharing one handler (so client limits are global)."""
+
+    def __init__(self, settings: Settings, table: LookupTable, delivery: Delivery) -> None:
+        self.settings = settings
+        self.handler = SmtpHandler(settings.server, table, delivery)
+        self.tls = tls_context(settings.server.tls_cert, settings.server.tls_key)
+        self._servers: list[asyncio.Server] = []
+
+    def _protocol(self) -> SmtpProtocol:
+        server = self.settings.server
+        return SmtpProtocol(self.handler, hostname=server.hostname,
+                            message_size_limit=server.message_size_limit,
+                            timeout=server.command_timeout,
+                            hard_error_limit=server.hard_error_limit, tls_context=self.tls)
+
+    async def start(self) -> list[tuple[str, int]]:
+        """Bind every listen address; return the bound (host, port) pairs."""
+        loop = asyncio.get_running_loop()
+        bound = []
+        for host, port in self.settings.server.listen_addresses():
+            server = await loop.create_server(self._protocol, host, port)
+            self._servers.append(server)
+            bound.append(server.sockets[0].getsockname()[:2])
+        return bound
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+
+async def run(settings: Settings) -> None:
+    """``mailforward serve``: listen until SIGTERM or SIGINT."""
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's chatter, never content
+    table = await open_table(settings.database)
+    delivery = build_delivery(settings)
+    server = MailServer(settings, table, delivery)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        for host, port in await server.start():
+            log.info("listening on %s:%d as %s", host, port, settings.server.hostname)
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await server.stop()
+        await delivery.close()
+        await table.close()
