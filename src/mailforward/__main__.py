@@ -1,0 +1,5 @@
+"""``python -m mailforward`` is the ``mailforward`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,92 @@
+"""``mailforward serve`` started the way a user starts it, checked from outside.
+
+The reference stack's recorded replies (shared/peer/peer-results.json) are
+replayed with its own probe; every difference must be one we chose.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import smtplib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mailforward.config import DatabaseSettings
+
+from smtp_harness import HOSTNAME, free_port, start_sink, wait_for_port
+from test_smtpd import BODY
+
+PEER = Path(__file__).resolve().parents[2] / "shared" / "peer"
+
+# Cases where we deliberately answer differently from Postfix 3.7 (see docs/differences.md).
+DELIBERATE_DIFFERENCES = {
+    "bare_lf_command",        # bare LF in a command: 521 and hang up (smtpd_forbid_bare_newline)
+    "smuggling_bare_lf_dot",  # bare LF in DATA: 521, nothing delivered, no smuggled second message
+    "etrn",                   # 459 with an enhanced status code (4.3.0)
+}
+
+
+def write_config(path: Path, port: int, database_url: str, sink_port: int) -> Path:
+    path.write_text(f"""
+[server]
+hostname = "{HOSTNAME}"
+listen = ["127.0.0.1:{port}"]
+
+[database]
+url = "{database_url}"
+
+[delivery]
+relay_host = "[127.0.0.1]:{sink_port}"
+""")
+    return path
+
+
+@pytest.fixture
+def serve(seeded_database: DatabaseSettings, tmp_path: Path) -> Iterator[tuple[int, object]]:
+    sink, sink_handler = start_sink()
+    port = free_port()
+    config = write_config(tmp_path / "mailforward.toml", port, seeded_database.url, sink.port)
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "mailforward", "--config", str(config), "serve"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port("127.0.0.1", port, alive=lambda: proc.poll() is None)
+        yield port, sink_handler
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        sink.stop()
+        log.close()
+
+
+def test_serve_forwards_to_the_relay_host(serve: tuple[int, object]) -> None:
+    port, sink = serve
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test") as s:
+        assert s.sendmail("sender@ext.test", ["multi@example.org"], BODY) == {}
+    (mail_from, rcpts, content), = sink.envelopes  # type: ignore[attr-defined]
+    assert rcpts == ["a@sink.test", "b@sink2.test"]
+    assert content.endswith(b"probe body\r\n")
+
+
+@pytest.mark.skipif(not (PEER / "probe.py").exists(), reason="shared/peer is not beside this checkout")
+def test_reference_cases_get_the_reference_reply_codes(serve: tuple[int, object]) -> None:
+    port, _ = serve
+    result = subprocess.run([sys.executable, str(PEER / "probe.py"), "--port", str(port),
+                             "--timeout", "5", "--compare", str(PEER / "peer-results.json")],
+                            capture_output=True, text=True, timeout=240)
+    different = set(re.findall(r"^  DIFF (\S+)", result.stdout, re.M))
+    assert different == DELIBERATE_DIFFERENCES, result.stdout
+
+
+def test_serve_refuses_a_bad_config_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[server]\nlisten = 'not a list'\n")
+    result = subprocess.run([sys.executable, "-m", "mailforward", "--config", str(config), "serve"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "[server] listen" in result.stderr
