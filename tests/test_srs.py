@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -49,9 +51,9 @@ class Clock:
         return self.now
 
 
-def make(clock: Clock | None = None, **kwargs: object) -> SrsRewriter:
+def make(clock: Clock | None = None, **kwargs: Any) -> SrsRewriter:
     kwargs.setdefault("secrets", [SECRET])
-    return SrsRewriter("example.com", clock=clock or Clock(), **kwargs)  # type: ignore[arg-type]
+    return SrsRewriter("example.com", clock=clock or Clock(), **kwargs)
 
 
 @pytest.fixture
@@ -301,8 +303,8 @@ def test_address_signed_with_a_dropped_secret_is_refused() -> None:
 
 def test_secret_is_used_as_text_not_decoded_hex() -> None:
     # PostSRSd keys HMAC with the line as written; decoding hex would change every hash.
-    text = make(secrets=["00ff"]).forward("test@otherdomain.com")
-    assert text != make(secrets=["\x00\xff"]).forward("test@otherdomain.com")
+    text = make(secrets=["4142"]).forward("test@otherdomain.com")
+    assert text != make(secrets=["AB"]).forward("test@otherdomain.com")
 
 
 # -- the day stamp ------------------------------------------------------------------
@@ -368,11 +370,11 @@ def test_stamp_wraps_every_1024_days() -> None:
 
 def test_age_is_counted_across_the_1024_day_wrap() -> None:
     day = T0 // DAY
-    start = (day - day % 1024 + 1020) * DAY  # a day whose stamp is 1020 ("77")
+    start = (day - day % 1024 + 1020) * DAY  # a day whose stamp is 1020 ("74")
     clock = Clock(start)
     srs = make(clock)
     address = srs.forward("test@otherdomain.com")
-    assert address.split("=")[2] == "77"
+    assert address.split("=")[2] == "74"
     clock.now = start + 7 * DAY  # stamp 3 ("AD") after the wrap
     assert srs.reverse(address) == "test@otherdomain.com"
     clock.now = start + 22 * DAY
@@ -432,7 +434,7 @@ def test_srs_errors_are_mailforward_errors() -> None:
     {"hash_min": 5}, {"max_age_days": -1}, {"secrets": []}, {"secrets": [""]},
     {"secrets": ["a\nb"]}, {"exclude_domains": [""]},
 ])
-def test_invalid_configuration_is_refused(kwargs: dict[str, object]) -> None:
+def test_invalid_configuration_is_refused(kwargs: dict[str, Any]) -> None:
     with pytest.raises(SrsConfigError):
         make(**kwargs)
 
@@ -445,7 +447,7 @@ def test_invalid_srs_domain_is_refused(domain: str) -> None:
 
 def test_rewriter_is_immutable_and_hides_its_secrets(srs: SrsRewriter) -> None:
     with pytest.raises(AttributeError):
-        srs.domain = "evil.test"  # type: ignore[misc]
+        srs.domain = "evil.test"
     assert SECRET not in repr(srs)
 
 
@@ -488,9 +490,10 @@ def test_wire_forward_and_reverse_raise_only_srs_errors_on_arbitrary_bytes(data:
             pass
 
 
-LOCAL = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="@\x00"),
+LOCAL = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="@\x00"),
                 max_size=30).filter(lambda s: not is_srs_address(s) and s[:4].upper() not in ("SRS0", "SRS1"))
-HOST = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="@\x00"),
+# A host with '=' or '@' cannot survive the SRS0 format (PostSRSd neither).
+HOST = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="@=\x00"),
                max_size=30).filter(lambda h: h.lower() != "example.com")
 
 
@@ -603,11 +606,10 @@ async def _exchange(port: int, data: bytes) -> bytes:
 
 
 @pytest.fixture
-async def tcp_ports() -> tuple[int, int]:
+async def tcp_ports() -> AsyncIterator[tuple[int, int]]:
     srs = make(exclude_domains=["excluded.com"])
     servers = await start_srs_tcp_servers(srs, "127.0.0.1", 0, 0)
-    ports = tuple(s.sockets[0].getsockname()[1] for s in servers)
-    yield ports  # type: ignore[misc]
+    yield servers[0].sockets[0].getsockname()[1], servers[1].sockets[0].getsockname()[1]
     for server in servers:
         server.close()
         await server.wait_closed()
@@ -620,8 +622,6 @@ async def test_tcp_forward_answers_200_with_the_rewritten_sender(tcp_ports: tupl
 
 async def test_tcp_reverse_answers_200_with_the_original_sender(tcp_ports: tuple[int, int]) -> None:
     reply = await _exchange(tcp_ports[1], b"get SRS0=XjO9=2V=otherdomain.com=test@example.com\n")
-    assert reply == b"500 Time stamp out of date.\n"  # "2V" is a day old: fine, 21 days max...
-    reply = await _exchange(tcp_ports[1], b"get SRS0=vmyz=2W=otherdomain.com=test@example.com\n")
     assert reply == b"200 test@otherdomain.com\n"
 
 

@@ -170,6 +170,10 @@ class SrsRewriter:
     hash_min: int
     max_age_days: int
     exclude_domains: tuple[str, ...]
+    _clock: Callable[[], float]
+    _keys: tuple[bytes, ...]
+    _domain: bytes
+    _excludes: tuple[bytes, ...]
 
     def __init__(
         self,
