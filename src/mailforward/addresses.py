@@ -44,6 +44,11 @@ class Address:
         return f"{self.local}@{self.written_domain or self.domain}"
 
     @property
+    def external(self) -> str:
+        """As written, quoted where RFC 5321 needs it: what to send in MAIL FROM."""
+        return f"{quote_local(self.local)}@{self.written_domain or self.domain}"
+
+    @property
     def is_literal(self) -> bool:
         return self.domain.startswith("[")
 

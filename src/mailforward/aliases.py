@@ -58,7 +58,8 @@ class _Expansion:
     result: list[str] = field(default_factory=list)
     loop: bool = False
 
-    async def walk(self, destinations: tuple[str, ...], depth: int) -> None:
+    async def walk(self, destinations: tuple[str, ...], path: tuple[str, ...]) -> None:
+        """Expand ``destinations``; ``path`` holds the aliases that led here (a revisit is a cycle)."""
         for text in destinations:
             if len(self.result) >= MAX_DESTINATIONS:
                 log.warning("alias expansion stopped at %d destinations", MAX_DESTINATIONS)
@@ -68,20 +69,22 @@ class _Expansion:
             except AddressError:
                 log.warning("alias table holds an invalid destination %r; skipped", text)
                 continue
-            if dest.key in self.seen:
+            if dest.key in path:
                 self.loop = True
+                continue
+            if dest.key in self.seen:  # reached twice without a cycle: deliver once
                 continue
             self.seen.add(dest.key)
             if dest.is_literal or not await self.table.domain_is_hosted(dest.domain):
                 self.result.append(str(dest))
-            elif depth >= MAX_DEPTH:
+            elif len(path) >= MAX_DEPTH:
                 self.loop = True
             else:
                 nested = await lookup_alias(self.table, dest, self.delimiter)
                 if nested is None:
                     log.warning("alias destination %s is not a known alias; skipped", dest.key)
                     continue
-                await self.walk(nested, depth + 1)
+                await self.walk(nested, (*path, dest.key))
 
 
 async def expand_alias(table: LookupTable, address: Address, delimiter: str = "") -> tuple[str, ...] | None:
@@ -93,7 +96,7 @@ async def expand_alias(table: LookupTable, address: Address, delimiter: str = ""
     if top is None:
         return None
     expansion = _Expansion(table, delimiter, seen={address.key})
-    await expansion.walk(top, 1)
+    await expansion.walk(top, (address.key,))
     if not expansion.result:
         raise NoDestination(address.key, expansion.loop)
     return tuple(expansion.result)

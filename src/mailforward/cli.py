@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
@@ -19,6 +20,8 @@ import click
 from .admin import Admin, AliasRow, DomainRow
 from .config import Settings, load_settings
 from .errors import AddressError, AdminError, ConfigError, MailforwardError
+from .srs import (SrsConfigError, SrsError, SrsNotRewritten, SrsRewriter, SrsSecretError,
+                  generate_secret_file, rewriter_from_settings)
 from .tables import open_admin_database
 
 T = TypeVar("T")
@@ -97,6 +100,8 @@ def serve(ctx: click.Context) -> None:
                         format="%(asctime)s %(name)s[%(process)d]: %(message)s")
     try:
         asyncio.run(run(settings))
+    except SrsConfigError as e:
+        raise UsageFailure(str(e)) from None
     except MailforwardError as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:
@@ -227,6 +232,96 @@ def alias_disable(ctx: click.Context, address: str) -> None:
 def alias_remove(ctx: click.Context, address: str) -> None:
     """Delete an alias."""
     click.echo(f"removed alias {run_admin(ctx, lambda a: a.remove_alias(address))}")
+
+
+# ---------------------------------------------------------------- SRS
+
+
+@main.group()
+def srs() -> None:
+    """Sender Rewriting Scheme: keys, debugging, a PostSRSd-compatible lookup server."""
+
+
+def rewriter_from(ctx: click.Context) -> SrsRewriter:
+    settings = settings_from(ctx).srs
+    try:
+        rewriter = rewriter_from_settings(settings)
+    except SrsConfigError as e:
+        raise UsageFailure(str(e)) from None
+    if rewriter is None:
+        raise UsageFailure("SRS is off: set [srs] domain (MAILFORWARD_SRS__DOMAIN)")
+    return rewriter
+
+
+@srs.command("keygen")
+@click.option("--file", "path", type=click.Path(dir_okay=False),
+              help="Where to write it (default: [srs] secret_file).")
+@click.pass_context
+def srs_keygen(ctx: click.Context, path: str | None) -> None:
+    """Write a new secret file (mode 600); refuses to overwrite one."""
+    path = path or settings_from(ctx).srs.secret_file
+    try:
+        generate_secret_file(path)
+    except SrsSecretError as e:
+        raise UsageFailure(str(e)) from None
+    click.echo(f"wrote a new SRS secret to {path}")
+
+
+@srs.command("forward")
+@click.argument("address")
+@click.pass_context
+def srs_forward(ctx: click.Context, address: str) -> None:
+    """Print the envelope sender ADDRESS would be forwarded with."""
+    try:
+        click.echo(rewriter_from(ctx).forward(address))
+    except SrsNotRewritten as e:
+        click.echo(address)
+        click.echo(f"not rewritten: {e.reason}", err=True)
+    except SrsError as e:
+        raise UsageFailure(e.reason) from None
+
+
+@srs.command("reverse")
+@click.argument("address")
+@click.pass_context
+def srs_reverse(ctx: click.Context, address: str) -> None:
+    """Print the original sender behind an SRS ADDRESS (exit 2 with the reason if invalid)."""
+    try:
+        click.echo(rewriter_from(ctx).reverse(address))
+    except SrsError as e:
+        raise UsageFailure(f"{address}: {e.reason}") from None
+
+
+@srs.command("serve")
+@click.pass_context
+def srs_serve(ctx: click.Context) -> None:
+    """Answer Postfix tcp_table queries like PostSRSd 1.x ([srs] forward_port / reverse_port)."""
+    from .srs_tcp import start_srs_tcp_servers
+
+    rewriter = rewriter_from(ctx)
+    settings = settings_from(ctx).srs
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s[%(process)d]: %(message)s")
+
+    async def run() -> None:
+        servers = await start_srs_tcp_servers(rewriter, settings.listen_address,
+                                              settings.forward_port, settings.reverse_port)
+        await wait_for_signal()
+        for server in servers:
+            server.close()
+
+    try:
+        asyncio.run(run())
+    except OSError as e:
+        raise click.ClickException(f"cannot listen: {e}") from None
+
+
+async def wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
 
 
 if __name__ == "__main__":  # pragma: no cover

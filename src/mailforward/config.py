@@ -125,10 +125,37 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True)
+class SrsSettings:
+    """The seed's /etc/default/postsrsd, key for key.  SRS is on when ``domain`` is set."""
+
+    domain: str = ""
+    secret_file: str = "/etc/mailforward/srs.secret"
+    separator: str = "="
+    hash_length: int = 4
+    hash_min: int = 4
+    max_age_days: int = 21
+    exclude_domains: tuple[str, ...] = ()
+    forward_port: int = 10001
+    reverse_port: int = 10002
+    listen_address: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if self.separator not in ("=", "+", "-"):
+            raise ConfigError("[srs] separator: must be one of = + -")
+        if not 1 <= self.hash_min <= self.hash_length <= 27:
+            raise ConfigError("[srs] hash_min, hash_length: need 1 <= hash_min <= hash_length <= 27")
+        _positive(self, "srs", "max_age_days")
+        for name in ("forward_port", "reverse_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ConfigError(f"[srs] {name}: not a port number")
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    srs: SrsSettings = field(default_factory=SrsSettings)
 
 
 @dataclass(frozen=True)

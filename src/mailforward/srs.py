@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .config import SrsSettings
 from .errors import MailforwardError
 
 __all__ = [
@@ -478,3 +479,17 @@ def generate_secret_file(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def rewriter_from_settings(settings: SrsSettings) -> SrsRewriter | None:
+    """The configured rewriter, or None when ``[srs] domain`` is unset (SRS off).
+
+    Reads and checks the secret file, so a missing, empty or loose one stops
+    the program at start-up rather than at the first message.
+    """
+    if not settings.domain:
+        return None
+    return SrsRewriter(settings.domain, load_secrets(settings.secret_file),
+                       separator=settings.separator, hash_length=settings.hash_length,
+                       hash_min=settings.hash_min, max_age_days=settings.max_age_days,
+                       exclude_domains=settings.exclude_domains)

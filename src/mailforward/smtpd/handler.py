@@ -16,11 +16,12 @@ import secrets
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..addresses import Address, parse_mailbox, strip_source_route
+from ..addresses import Address, normalize_domain, parse_mailbox, strip_source_route
 from ..aliases import NoDestination, expand_alias
 from ..config import ServerSettings
 from ..delivery.base import Delivery, Message
 from ..errors import AddressError, TemporaryLookupError
+from ..srs import SrsError, SrsRewriter, is_srs_address
 from ..tables import LookupTable
 from . import policy, replies
 from .limits import ClientLimits
@@ -40,10 +41,13 @@ def new_queue_id() -> str:
 
 
 class SmtpHandler:
-    def __init__(self, settings: ServerSettings, table: LookupTable, delivery: Delivery) -> None:
+    def __init__(self, settings: ServerSettings, table: LookupTable, delivery: Delivery,
+                 srs: SrsRewriter | None = None) -> None:
         self.settings = settings
         self.table = table
         self.delivery = delivery
+        self.srs = srs
+        self.srs_domain = normalize_domain(srs.domain) if srs is not None else ""
         self.mynetworks: Sequence[IpNetwork] = [
             ipaddress.ip_network(n, strict=False) for n in settings.mynetworks]
         self.limits = ClientLimits(settings.client_connection_count_limit,
@@ -87,7 +91,7 @@ class SmtpHandler:
             except AddressError:
                 return replies.BAD_SENDER_SYNTAX
         envelope.has_sender = True
-        envelope.mail_from = str(envelope.sender) if envelope.sender else ""
+        envelope.mail_from = envelope.sender.external if envelope.sender else ""
         return replies.SENDER_OK
 
     def _check_mail_parameters(self, envelope: Transaction, params: list[str]) -> Reply | None:
@@ -139,6 +143,8 @@ class SmtpHandler:
             recipient = parse_mailbox(mailbox)
         except AddressError:
             return replies.BAD_RECIPIENT_SYNTAX
+        if self._is_srs_recipient(recipient):
+            return self._accept_bounce(envelope, recipient)
         ctx = policy.PolicyContext(self.table, session.client_ip, session.local_ip,
                                    session.in_mynetworks, session.host_name, envelope.sender,
                                    recipient)
@@ -146,6 +152,30 @@ class SmtpHandler:
         if rejection is not None:
             return _about(rejection, recipient.as_written)
         return await self._resolve(session, envelope, recipient)
+
+    def _is_srs_recipient(self, recipient: Address) -> bool:
+        return (self.srs is not None and recipient.domain == self.srs_domain
+                and is_srs_address(recipient.local))
+
+    def _accept_bounce(self, envelope: Transaction, recipient: Address) -> Reply:
+        """RCPT to one of our SRS addresses: verify, reverse, deliver to the original sender."""
+        assert self.srs is not None
+        try:
+            original = parse_mailbox(self.srs.reverse(f"{recipient.local}@{recipient.domain}"))
+        except (SrsError, AddressError) as error:
+            log.info("SRS address %s refused: %s", recipient.as_written, error)
+            return replies.USER_UNKNOWN.about(recipient.as_written)
+        _add_destinations(envelope, (original.external,))
+        return replies.RECIPIENT_OK
+
+    def envelope_sender(self, mail_from: str) -> str:
+        """The sender to forward with: SRS-rewritten unless PostSRSd would leave it alone."""
+        if self.srs is None or not mail_from:
+            return mail_from
+        try:
+            return self.srs.forward(mail_from)
+        except SrsError:
+            return mail_from
 
     async def _resolve(self, session: ClientSession, envelope: Transaction, recipient: Address) -> Reply:
         """Expand the alias; a mynetworks client may also relay to a domain we do not host."""
@@ -165,9 +195,7 @@ class SmtpHandler:
             return reply.about(recipient.as_written)
         if destinations is None:
             return replies.USER_UNKNOWN.about(recipient.as_written)
-        for dest in destinations:
-            if dest not in envelope.destinations:
-                envelope.destinations.append(dest)
+        _add_destinations(envelope, destinations)
         return replies.RECIPIENT_OK
 
     # ------------------------------------------------------------ DATA
@@ -179,7 +207,8 @@ class SmtpHandler:
             reply = replies.TOO_MANY_HOPS
         else:
             received = self._received_header(session, server, queue_id)
-            message = Message(queue_id, envelope.mail_from, tuple(envelope.destinations),
+            message = Message(queue_id, self.envelope_sender(envelope.mail_from),
+                              tuple(envelope.destinations),
                               received + content, session.client_ip, envelope.smtp_utf8)
             try:
                 reply = await self.delivery.deliver(message)
@@ -201,6 +230,12 @@ class SmtpHandler:
         return (f"Received: from {helo} ([{session.client_ip}])\r\n"
                 f"\tby {self.settings.hostname} (mailforward) with {protocol} id {queue_id};\r\n"
                 f"\t{email.utils.formatdate(localtime=True)}\r\n").encode()
+
+
+def _add_destinations(envelope: Transaction, destinations: Sequence[str]) -> None:
+    for dest in destinations:
+        if dest not in envelope.destinations:
+            envelope.destinations.append(dest)
 
 
 def _about(reply: Reply, subject: str) -> Reply:

@@ -40,7 +40,7 @@ ACCEPT = Verdict.ACCEPT
 CHECK_TIMEOUT = 30.0
 
 _SRS_LOCAL_PART = re.compile(r"srs[01][=+-]", re.IGNORECASE)
-_HOST_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?", re.IGNORECASE)
+_HOST_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,9 @@ async def run_checks(checks: Sequence[Check], ctx: PolicyContext,
             return None
         if isinstance(verdict, Reply):
             return verdict
+        if verdict is not CONTINUE:  # a buggy check fails closed, never open
+            log.error("check %s returned %r", check.__name__, verdict)
+            return replies.INTERNAL_ERROR
     return None
 
 

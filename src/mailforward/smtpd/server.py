@@ -10,6 +10,7 @@ import ssl
 from ..config import Settings
 from ..delivery import build_delivery
 from ..delivery.base import Delivery
+from ..srs import SrsRewriter, rewriter_from_settings
 from ..tables import LookupTable, open_table
 from .handler import SmtpHandler
 from .protocol import SmtpProtocol
@@ -28,9 +29,10 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext | None:
 class MailServer:
     """The inbound side: listeners sharing one handler (so client limits are global)."""
 
-    def __init__(self, settings: Settings, table: LookupTable, delivery: Delivery) -> None:
+    def __init__(self, settings: Settings, table: LookupTable, delivery: Delivery,
+                 srs: SrsRewriter | None = None) -> None:
         self.settings = settings
-        self.handler = SmtpHandler(settings.server, table, delivery)
+        self.handler = SmtpHandler(settings.server, table, delivery, srs)
         self.tls = tls_context(settings.server.tls_cert, settings.server.tls_key)
         self._servers: list[asyncio.Server] = []
 
@@ -62,9 +64,12 @@ class MailServer:
 async def run(settings: Settings) -> None:
     """``mailforward serve``: listen until SIGTERM or SIGINT."""
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's chatter, never content
+    srs = rewriter_from_settings(settings.srs)
+    if srs is None:
+        log.warning("SRS is off ([srs] domain unset): forwarded mail will fail SPF at its destination")
     table = await open_table(settings.database)
     delivery = build_delivery(settings)
-    server = MailServer(settings, table, delivery)
+    server = MailServer(settings, table, delivery, srs)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
