@@ -99,3 +99,10 @@ def test_sqlite_url_relative_and_absolute() -> None:
 
 def test_default_alias_query_is_the_seeds_with_the_key_returned() -> None:
     assert "FROM alias WHERE address=%s AND active=1" in SEED_ALIAS_QUERY
+
+
+def test_annotated_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parents[1] / "mailforward.example.toml"
+    settings = load_settings(example, environ={})
+    assert settings.server.listen == ("0.0.0.0:25",)
+    assert settings.srs.domain == "example.org"

@@ -42,7 +42,14 @@ url = "{database_url}"
 
 [delivery]
 relay_host = "[127.0.0.1]:{sink_port}"
+
+[srs]
+domain = "example.org"
+secret_file = "{path.parent / 'srs.secret'}"
 """)
+    secret = path.parent / "srs.secret"
+    secret.write_text("0123456789abcdef\n")
+    secret.chmod(0o600)
     return path
 
 
@@ -70,6 +77,7 @@ def test_serve_forwards_to_the_relay_host(serve: tuple[int, object]) -> None:
         assert s.sendmail("sender@ext.test", ["multi@example.org"], BODY) == {}
     (mail_from, rcpts, content), = sink.envelopes  # type: ignore[attr-defined]
     assert rcpts == ["a@sink.test", "b@sink2.test"]
+    assert mail_from.startswith("SRS0=") and mail_from.endswith("=ext.test=sender@example.org")
     assert content.endswith(b"probe body\r\n")
 
 
