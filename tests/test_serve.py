@@ -42,6 +42,7 @@ url = "{database_url}"
 
 [delivery]
 relay_host = "[127.0.0.1]:{sink_port}"
+spool_directory = "{path.parent / 'spool'}"
 
 [srs]
 domain = "example.org"
@@ -75,8 +76,9 @@ def test_serve_forwards_to_the_relay_host(serve: tuple[int, object]) -> None:
     port, sink = serve
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test") as s:
         assert s.sendmail("sender@ext.test", ["multi@example.org"], BODY) == {}
-    (mail_from, rcpts, content), = sink.envelopes  # type: ignore[attr-defined]
-    assert rcpts == ["a@sink.test", "b@sink2.test"]
+    envelopes = sorted(sink.envelopes, key=lambda e: e[1])  # type: ignore[attr-defined]
+    assert [rcpts for _, rcpts, _ in envelopes] == [["a@sink.test"], ["b@sink2.test"]]  # one per domain
+    mail_from, _, content = envelopes[0]
     assert mail_from.startswith("SRS0=") and mail_from.endswith("=ext.test=sender@example.org")
     assert content.endswith(b"probe body\r\n")
 

@@ -107,21 +107,33 @@ class DatabaseSettings:
 @dataclass(frozen=True)
 class DeliverySettings:
     relay_host: str = ""
+    nameservers: tuple[str, ...] = ()
+    port: int = 25
+    dns_timeout: float = 10.0
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
+    passthrough_timeout: float = 120.0
+    spool_directory: str = "spool"
+    retry_first: float = 300.0
+    retry_max_backoff: float = 3600.0
+    max_lifetime: float = 5 * 86400.0
 
     def __post_init__(self) -> None:
         if self.relay_host:
-            self.relay_address()
-        _positive(self, "delivery", "connect_timeout", "command_timeout")
-
-    def relay_address(self) -> tuple[str, int]:
-        """``host``, ``host:port`` or Postfix's ``[host]:port`` (brackets: no MX lookup)."""
-        text = self.relay_host.strip()
-        if text.startswith("[") and "]" in text and not text.startswith("[IPv6"):
-            host, _, rest = text[1:].partition("]")
-            text = f"{host}{rest}" if ":" not in host else f"[{host}]{rest}"
-        return parse_host_port(text, "[delivery] relay_host", default_port=25)
+            host = self.relay_host.strip()
+            if host.startswith("["):
+                host = host[1:].replace("]", "", 1)
+            parse_host_port(host if ":" in host and not host.count(":") > 1 else f"{host}:25",
+                            "[delivery] relay_host")
+        for server in self.nameservers:
+            parse_host_port(server, "[delivery] nameservers", default_port=53)
+        if not 0 < self.port < 65536:
+            raise ConfigError("[delivery] port: not a port number")
+        _positive(self, "delivery", "dns_timeout", "connect_timeout", "command_timeout",
+                  "passthrough_timeout", "retry_first", "retry_max_backoff", "max_lifetime")
+        if self.passthrough_timeout >= 600:
+            raise ConfigError("[delivery] passthrough_timeout: must stay below the sender's "
+                              "10-minute DATA timeout (RFC 5321 4.5.3.2.6)")
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,16 @@ The reply is what the inbound client is told (pass-through acknowledgement):
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..smtpd.replies import OK, Reply, queued
+
+
+def new_queue_id() -> str:
+    """Ten upper-case hex digits, like Postfix's short queue ids: safe as a file name."""
+    return secrets.token_hex(5).upper()
 
 
 @dataclass(frozen=True)
@@ -22,12 +28,16 @@ class Message:
     content: bytes
     client_ip: str = ""
     smtputf8: bool = False
+    original_sender: str = ""  # before SRS: where a DSN goes ("" when sender is unchanged)
+
+    @property
+    def bounce_to(self) -> str:
+        """Where to send a delivery status notification: the sender as the client gave it."""
+        return self.original_sender or self.sender
 
 
 class Delivery(Protocol):
     async def deliver(self, message: Message) -> Reply: ...
-
-    async def close(self) -> None: ...
 
 
 @dataclass
@@ -40,6 +50,3 @@ class RecordingDelivery:
     async def deliver(self, message: Message) -> Reply:
         self.messages.append(message)
         return queued(message.queue_id) if self.reply == OK else self.reply
-
-    async def close(self) -> None:
-        pass

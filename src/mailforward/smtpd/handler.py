@@ -12,14 +12,13 @@ import asyncio
 import email.utils
 import ipaddress
 import logging
-import secrets
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..addresses import Address, normalize_domain, parse_mailbox, strip_source_route
 from ..aliases import NoDestination, expand_alias
 from ..config import ServerSettings
-from ..delivery.base import Delivery, Message
+from ..delivery.base import Delivery, Message, new_queue_id
 from ..errors import AddressError, TemporaryLookupError
 from ..srs import SrsError, SrsRewriter, is_srs_address
 from ..tables import LookupTable
@@ -34,10 +33,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("mailforward.smtpd")
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def new_queue_id() -> str:
-    return secrets.token_hex(5).upper()
 
 
 class SmtpHandler:
@@ -209,7 +204,8 @@ class SmtpHandler:
             received = self._received_header(session, server, queue_id)
             message = Message(queue_id, self.envelope_sender(envelope.mail_from),
                               tuple(envelope.destinations),
-                              received + content, session.client_ip, envelope.smtp_utf8)
+                              received + content, session.client_ip, envelope.smtp_utf8,
+                              original_sender=envelope.mail_from)
             try:
                 reply = await self.delivery.deliver(message)
             except Exception as error:

@@ -106,7 +106,6 @@ def timeout_exceeded(hostname: str) -> Reply:
 
 # --- failures of our own
 INTERNAL_ERROR = Reply(451, "4.3.0", "Error: internal error, try again later")
-DELIVERY_UNCONFIGURED = Reply(451, "4.3.5", "Error: no delivery route configured")
 
 
 def reply_for_error(error: BaseException) -> Reply:

@@ -17,6 +17,8 @@ from .protocol import SmtpProtocol
 
 log = logging.getLogger("mailforward.smtpd")
 
+RETRY_INTERVAL = 10.0  # seconds between looks at the spool for due messages
+
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext | None:
     if not cert:
@@ -68,7 +70,8 @@ async def run(settings: Settings) -> None:
     if srs is None:
         log.warning("SRS is off ([srs] domain unset): forwarded mail will fail SPF at its destination")
     table = await open_table(settings.database)
-    delivery = build_delivery(settings)
+    delivery, scheduler = build_delivery(settings)
+    retries = asyncio.create_task(scheduler.run_forever(RETRY_INTERVAL))
     server = MailServer(settings, table, delivery, srs)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -81,5 +84,5 @@ async def run(settings: Settings) -> None:
         log.info("stopping")
     finally:
         await server.stop()
-        await delivery.close()
+        retries.cancel()
         await table.close()

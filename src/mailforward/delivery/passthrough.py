@@ -1,0 +1,165 @@
+"""Pass-through acknowledgement: the sender's DATA is answered after the destinations answered us.
+
+The contract, for one inbound transaction:
+
+* every destination accepted            -> 250;
+* every destination refused permanently -> the downstream's 5xx, nothing stored, no bounce;
+* every destination deferred             -> 451, nothing stored (the sender retries);
+* anything mixed                         -> the deferred remainder is spooled (fsync'd),
+  permanently failed destinations get a DSN (never for the null sender), then 250;
+* destinations slower than ``passthrough_timeout`` count as deferred: spool, then 250.
+
+So a 250 always means delivered or durably on disk, and a downstream spam
+verdict goes back to the real sender in the same session instead of becoming
+backscatter.  If the spool cannot be written the answer is 451, never 250.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+
+from ..smtpd import replies
+from ..smtpd.replies import Reply
+from .base import Message, new_queue_id
+from .client import ClientSettings, send_to_domain
+from .dsn import build_dsn, failures_from_reasons, should_bounce
+from .retry import AttemptResult, RetryPolicy
+from .routing import MxRouter, NextHop, RoutingError
+from .spool import Spool, SpooledMessage, SpoolError
+
+log = logging.getLogger(__name__)
+
+# Still in flight when the sender's answer was due: never refused back to the
+# sender (it may yet be delivered), always spooled.
+TIMED_OUT = Reply(451, "4.4.7", "destination did not answer in time")
+SPOOL_FAILED = Reply(451, "4.3.0", "Error: queue file write error")
+
+
+def group_by_domain(recipients: Sequence[str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = defaultdict(list)
+    for rcpt in recipients:
+        groups[rcpt.rpartition("@")[2].lower()].append(rcpt)
+    return dict(groups)
+
+
+class Router:
+    """Next hops for a domain: through ``relay_host`` when set, else by MX."""
+
+    def __init__(self, resolver: MxRouter, relay_host: str = "") -> None:
+        self.resolver = resolver
+        self.relay_host = relay_host
+
+    async def next_hops(self, domain: str) -> list[NextHop]:
+        if self.relay_host:
+            return await self.resolver.relay_hops(self.relay_host)
+        return await self.resolver.next_hops(domain)
+
+
+class PassThroughDelivery:
+    def __init__(self, router: Router, spool: Spool, client: ClientSettings, retry: RetryPolicy,
+                 hostname: str, passthrough_timeout: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.router = router
+        self.spool = spool
+        self.client = client
+        self.retry = retry
+        self.hostname = hostname
+        self.passthrough_timeout = passthrough_timeout
+        self.clock = clock
+
+    async def deliver(self, message: Message) -> Reply:
+        outcomes = await self.attempt(message, message.recipients, self.passthrough_timeout)
+        return await self.acknowledge(message, outcomes)
+
+    # ------------------------------------------------------------ attempts
+
+    async def attempt(self, message: Message, recipients: Sequence[str],
+                      timeout: float | None) -> dict[str, Reply]:
+        """Offer the message to every destination domain at once; a Reply per recipient."""
+        groups = group_by_domain(recipients)
+        tasks = {domain: asyncio.create_task(self._attempt_domain(domain, message, rcpts))
+                 for domain, rcpts in groups.items()}
+        done, pending = await asyncio.wait(tasks.values(), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        outcomes: dict[str, Reply] = {}
+        for domain, task in tasks.items():
+            if task in done and task.exception() is None:
+                outcomes.update(task.result())
+            else:
+                if task in done:
+                    log.error("%s: delivery to %s failed", message.queue_id, domain,
+                              exc_info=task.exception())
+                outcomes.update({rcpt: TIMED_OUT for rcpt in groups[domain]})
+        return outcomes
+
+    async def _attempt_domain(self, domain: str, message: Message,
+                              recipients: list[str]) -> dict[str, Reply]:
+        try:
+            hops = await self.router.next_hops(domain)
+        except RoutingError as e:
+            return {rcpt: e.reply for rcpt in recipients}
+        return await send_to_domain(hops, message, recipients, self.client)
+
+    # ------------------------------------------------------------ the contract
+
+    async def acknowledge(self, message: Message, outcomes: Mapping[str, Reply]) -> Reply:
+        deferred = [r for r, reply in outcomes.items() if reply.is_temporary]
+        failed = {r: reply for r, reply in outcomes.items() if reply.is_permanent}
+        delivered = [r for r, reply in outcomes.items() if reply.is_success]
+        log.info("%s: delivered=%d deferred=%d failed=%d", message.queue_id, len(delivered),
+                 len(deferred), len(failed))
+        if not deferred and not failed:
+            return replies.queued(message.queue_id)
+        if not delivered and not deferred:
+            return next(iter(failed.values()))
+        timed_out = any(reply is TIMED_OUT for reply in outcomes.values())
+        if not delivered and not failed and not timed_out:
+            first = outcomes[deferred[0]]
+            return Reply(451, first.status if first.status.startswith("4.4") else "4.4.1", first.text)
+        try:  # fsync in a thread: the event loop keeps serving other clients
+            if deferred:
+                now = self.clock()
+                await asyncio.to_thread(self.spool.put, message, deferred, now,
+                                        self.retry.next_attempt(now, 0, now))
+            if failed:
+                await asyncio.to_thread(self.send_dsn, message, failed)
+        except SpoolError as e:
+            log.error("%s: cannot spool: %s", message.queue_id, e)
+            return SPOOL_FAILED
+        return replies.queued(message.queue_id)
+
+    # ------------------------------------------------------------ the retry scheduler's hooks
+
+    async def retry(self, spooled: SpooledMessage) -> AttemptResult:
+        """One more attempt for a spooled message's pending destinations."""
+        outcomes = await self.attempt(spooled.message(), spooled.pending, timeout=None)
+        return AttemptResult(
+            delivered={r for r, reply in outcomes.items() if reply.is_success},
+            deferred={r: str(reply) for r, reply in outcomes.items() if reply.is_temporary},
+            failed={r: reply for r, reply in outcomes.items() if reply.is_permanent})
+
+    async def bounce(self, spooled: SpooledMessage, failures: Mapping[str, str]) -> None:
+        """A DSN for destinations that failed permanently or expired, spooled and due now."""
+        now = self.clock()
+        content = build_dsn(reporting_mta=self.hostname, original=spooled,
+                            failures=failures_from_reasons(failures), now=now)
+        dsn = Message(queue_id=new_queue_id(), sender="", recipients=(spooled.bounce_to,),
+                      content=content)
+        await asyncio.to_thread(self.spool.put, dsn, dsn.recipients, now, now)
+
+    def send_dsn(self, message: Message, failed: Mapping[str, Reply]) -> None:
+        """Queue a DSN to the original sender (spooled, due now); never to the null sender."""
+        if not should_bounce(message.bounce_to):
+            return
+        now = self.clock()
+        content = build_dsn(reporting_mta=self.hostname, original=message,
+                            failures=[(rcpt, reply.status, str(reply)) for rcpt, reply in failed.items()],
+                            now=now)
+        dsn = Message(queue_id=new_queue_id(), sender="", recipients=(message.bounce_to,),
+                      content=content)
+        self.spool.put(dsn, dsn.recipients, now, now)

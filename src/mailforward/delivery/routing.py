@@ -1,0 +1,334 @@
+"""Where to deliver mail for a destination domain: MX lookup and address resolution.
+
+RFC 5321 §5.1, with Postfix's behaviour where the RFC leaves room:
+
+* MX records are tried by preference; hosts of equal preference come in
+  random order (RFC 5321 asks for that, to spread load).  An injected
+  ``random.Random`` makes that order reproducible.
+* No MX records (NOERROR, no data) means the "implicit MX": the domain's own
+  addresses.  NXDOMAIN is a permanent failure, and so is a null MX (RFC 7505).
+* SERVFAIL, timeouts and unreachable nameservers are temporary failures: the
+  sender must retry, never bounce, during a DNS outage (Postfix's "Host not
+  found, try again").
+* An MX host that does not resolve is skipped.  Only when none resolves does
+  routing fail, temporarily if any lookup failed temporarily (it might have
+  been the one that works), permanently otherwise.
+* Each host yields its IPv4 addresses first, then IPv6, so hosts on
+  IPv4-only networks still reach the MX that was asked for first.  An address
+  already reached through an earlier MX host is not listed again.
+
+Errors carry the ``Reply`` to tell the sender, with Postfix's texts, so the
+caller never has to interpret DNS outcomes itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdata
+import dns.resolver
+from dns.rdtypes.ANY.MX import MX
+from dns.rdtypes.IN.A import A
+from dns.rdtypes.IN.AAAA import AAAA
+
+from ..addresses import normalize_domain
+from ..errors import AddressError, ConfigError, MailforwardError
+from ..smtpd.replies import Reply
+
+DEFAULT_PORT = 25
+MAX_ATTEMPT_TIMEOUT = 2.0  # per nameserver try; dnspython's own default
+
+_NOT_FOUND = "Host or domain name not found."
+
+
+class RoutingError(MailforwardError):
+    """No next hop could be found; ``reply`` is what to tell the sender."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+class PermanentRoutingError(RoutingError):
+    """DNS said definitively that there is nowhere to deliver: bounce (5xx)."""
+
+
+class TemporaryRoutingError(RoutingError):
+    """DNS could not answer (SERVFAIL, timeout, no nameserver): retry later (4xx)."""
+
+
+@dataclass(frozen=True)
+class NextHop:
+    """One place to try: the MX ``host`` name (for logs, TLS names) and one ``address``."""
+
+    host: str
+    address: str
+    port: int
+
+
+class _Outcome(Enum):
+    """A lookup's result; the values are Postfix's texts for the failures."""
+
+    FOUND = "found"
+    NXDOMAIN = "Host not found"
+    NODATA = "Host found but no data record of requested type"
+    TEMPORARY = "Host not found, try again"
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    name: str
+    rdtype: str
+    outcome: _Outcome
+    records: tuple[dns.rdata.Rdata, ...] = ()
+
+    @property
+    def description(self) -> str:
+        """Postfix's "Name service error" sentence, for reply texts."""
+        return (f"Name service error for name={self.name} type={self.rdtype}: "
+                f"{self.outcome.value}")
+
+
+@dataclass(frozen=True)
+class _HostAddresses:
+    """A host's addresses, or why it has none (``failure`` is None when it has some)."""
+
+    host: str
+    addresses: tuple[str, ...]
+    failure: _Lookup | None
+
+
+def parse_nameserver(text: str) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address, as (address, port).
+
+    Only IP literals: a nameserver named by hostname would need a resolver to
+    find the resolver.
+    """
+    host, port_text, _ = _split_host_port(text)
+    address = _ip_address(host)
+    if address is None:
+        raise ConfigError(f"invalid nameserver {text!r}: not an IP address")
+    return address, 53 if port_text is None else _parse_port(port_text, text)
+
+
+def parse_relayhost(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int, bool]:
+    """Postfix ``relayhost`` syntax as (host, port, bracketed).
+
+    ``[host]:port`` (bracketed: no MX lookup), ``host:port``, ``host``;
+    ``[IPv6:addr]`` and ``[addr]`` for IPv6.  IP addresses come back
+    canonical, names normalised like every other domain.
+    """
+    host, port_text, bracketed = _split_host_port(text)
+    if bracketed and host[:5].lower() == "ipv6:":
+        host = host[5:]
+    port = default_port if port_text is None else _parse_port(port_text, text)
+    address = _ip_address(host)
+    if address is not None:
+        return address, port, bracketed
+    try:
+        return normalize_domain(host), port, bracketed
+    except AddressError as e:
+        raise ConfigError(f"invalid relay host {text!r}: {e}") from None
+
+
+def _split_host_port(text: str) -> tuple[str, str | None, bool]:
+    """``[host]:port``, ``[host]``, ``host:port``, ``host`` or a bare IPv6 address.
+
+    Returns (host, port text or None, bracketed).  A bare IPv6 address has
+    more than one colon, so it cannot carry a port: brackets are needed then.
+    """
+    entry = text.strip()
+    if entry.startswith("["):
+        host, sep, rest = entry[1:].partition("]")
+        if not sep or not host or (rest and not rest.startswith(":")):
+            raise ConfigError(f"invalid host {text!r}")
+        return host, (rest[1:] if rest else None), True
+    if entry.count(":") == 1:
+        host, _, port_text = entry.partition(":")
+        return host, port_text, False
+    return entry, None, False
+
+
+def _parse_port(port_text: str, whole: str) -> int:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"invalid port in {whole!r}")
+    return int(port_text)
+
+
+def _ip_address(text: str) -> str | None:
+    """The canonical form of an IP address, or None when ``text`` is not one."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+def _literal_address(domain: str) -> str | None:
+    """The address in an RFC 5321 address literal (``[1.2.3.4]``, ``[IPv6:...]``), else None."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    inner = domain[1:-1]
+    if inner[:5].lower() == "ipv6:":
+        inner = inner[5:]
+    address = _ip_address(inner)
+    if address is None:
+        raise PermanentRoutingError(Reply(550, "5.1.3", f"<{domain}>: Bad address literal"))
+    return address
+
+
+def _make_resolver(nameservers: Sequence[str], timeout: float) -> dns.asyncresolver.Resolver:
+    """A resolver for the given nameservers, or the system's when there are none.
+
+    ``timeout`` bounds each lookup as a whole; a single nameserver try gets
+    at most half of it, so a silent first nameserver leaves time for the next.
+    """
+    if nameservers:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(address, port)
+                                for address, port in map(parse_nameserver, nameservers)]
+    else:
+        try:
+            resolver = dns.asyncresolver.Resolver()
+        except dns.resolver.NoResolverConfiguration as e:
+            raise ConfigError(f"no nameservers configured and no system resolver: {e}") from None
+    resolver.lifetime = timeout
+    resolver.timeout = min(MAX_ATTEMPT_TIMEOUT, timeout / 2)
+    return resolver
+
+
+def _is_null_mx(records: Sequence[MX]) -> bool:
+    """RFC 7505: the domain's only exchange is ".", it accepts no mail.
+
+    A "." mixed with real exchanges violates RFC 7505; those "." entries are
+    simply skipped, as they lead nowhere.
+    """
+    return bool(records) and all(mx.exchange == dns.name.root for mx in records)
+
+
+class MxRouter:
+    """Finds next hops by DNS: MX for mail domains, plain addresses for ``[relayhost]``.
+
+    Each lookup may take up to ``timeout`` seconds; MX hosts are resolved
+    concurrently, so a domain costs at most about twice that.
+    """
+
+    def __init__(self, nameservers: Sequence[str] = (), port: int = DEFAULT_PORT,
+                 timeout: float = 10.0, rng: random.Random | None = None) -> None:
+        self.port = port
+        self.timeout = timeout
+        self._rng = rng if rng is not None else random.Random()
+        self._resolver = _make_resolver(nameservers, timeout)
+
+    async def next_hops(self, domain: str) -> list[NextHop]:
+        """Where mail for ``domain`` goes, best first; raises a RoutingError when nowhere."""
+        literal = _literal_address(domain)
+        if literal is not None:
+            return [NextHop(literal, literal, self.port)]
+        try:
+            name = normalize_domain(domain)
+        except AddressError:
+            raise PermanentRoutingError(
+                Reply(550, "5.1.2", f"<{domain}>: Bad destination domain name")) from None
+        return await self._mx_hops(name, self.port)
+
+    async def relay_hops(self, relay: str) -> list[NextHop]:
+        """Next hops for a Postfix-style ``relayhost``: ``[host]:port`` skips the MX lookup.
+
+        Raises ConfigError when ``relay`` is not valid relayhost syntax.
+        """
+        host, port, bracketed = parse_relayhost(relay, self.port)
+        if _ip_address(host) is not None:
+            return [NextHop(host, host, port)]
+        if bracketed:
+            return await self._host_hops([host], port, subject=host, status="5.1.2")
+        return await self._mx_hops(host, port)
+
+    async def _mx_hops(self, domain: str, port: int) -> list[NextHop]:
+        mx = await self._query(domain, "MX")
+        if mx.outcome is _Outcome.NXDOMAIN:
+            raise PermanentRoutingError(
+                Reply(550, "5.1.2", f"<{domain}>: {_NOT_FOUND} {mx.description}"))
+        if mx.outcome is _Outcome.TEMPORARY:
+            raise TemporaryRoutingError(
+                Reply(451, "4.4.3", f"<{domain}>: {_NOT_FOUND} {mx.description}"))
+        if mx.outcome is _Outcome.NODATA:
+            return await self._host_hops([domain], port, subject=domain, status="5.1.2")
+        records = [rd for rd in mx.records if isinstance(rd, MX)]
+        if _is_null_mx(records):
+            raise PermanentRoutingError(
+                Reply(556, "5.1.10", f"<{domain}>: Domain does not accept mail (null MX)"))
+        return await self._host_hops(self._exchanges(records), port, subject=domain,
+                                     status="5.4.4")
+
+    def _exchanges(self, records: Sequence[MX]) -> list[str]:
+        """Exchange names by preference, ties shuffled, duplicates and "." dropped."""
+        by_preference: dict[int, list[str]] = {}
+        for mx in records:
+            if mx.exchange != dns.name.root:
+                host = mx.exchange.to_text(omit_final_dot=True).lower()
+                by_preference.setdefault(mx.preference, []).append(host)
+        ordered: list[str] = []
+        for preference in sorted(by_preference):
+            tied = by_preference[preference]
+            self._rng.shuffle(tied)
+            ordered.extend(host for host in tied if host not in ordered)
+        return ordered
+
+    async def _host_hops(self, hosts: Sequence[str], port: int, subject: str,
+                         status: str) -> list[NextHop]:
+        """Every address of ``hosts``, in order, each once; fails only when there are none.
+
+        ``status`` is the enhanced code for the permanent failure: 5.1.2 when
+        the destination itself has no address, 5.4.4 when its MX hosts have none.
+        """
+        resolved = await asyncio.gather(*(self._addresses(host) for host in hosts))
+        hops: list[NextHop] = []
+        seen: set[str] = set()
+        for result in resolved:
+            for address in result.addresses:
+                if address not in seen:
+                    seen.add(address)
+                    hops.append(NextHop(result.host, address, port))
+        if hops:
+            return hops
+        failures = [r.failure for r in resolved if r.failure is not None]
+        temporary = [f for f in failures if f.outcome is _Outcome.TEMPORARY]
+        if temporary:
+            raise TemporaryRoutingError(
+                Reply(451, "4.4.3", f"<{subject}>: {_NOT_FOUND} {temporary[0].description}"))
+        detail = f" {failures[0].description}" if failures else ""
+        raise PermanentRoutingError(Reply(550, status, f"<{subject}>: {_NOT_FOUND}{detail}"))
+
+    async def _addresses(self, host: str) -> _HostAddresses:
+        """A then AAAA addresses of ``host``; the most telling failure when it has none."""
+        lookups = await asyncio.gather(self._query(host, "A"), self._query(host, "AAAA"))
+        addresses = tuple(rd.address for lookup in lookups for rd in lookup.records
+                          if isinstance(rd, (A, AAAA)))
+        if addresses:
+            return _HostAddresses(host, addresses, None)
+        temporary = [lookup for lookup in lookups if lookup.outcome is _Outcome.TEMPORARY]
+        return _HostAddresses(host, (), temporary[0] if temporary else lookups[0])
+
+    async def _query(self, name: str, rdtype: str) -> _Lookup:
+        """One DNS lookup, its exceptions turned into the three outcomes routing cares about."""
+        try:
+            qname = dns.name.from_text(name)
+            answer = await self._resolver.resolve(qname, rdtype, search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.YXDOMAIN, dns.name.NameTooLong,
+                dns.name.LabelTooLong, dns.name.EmptyLabel):
+            return _Lookup(name, rdtype, _Outcome.NXDOMAIN)
+        except dns.resolver.NoAnswer:
+            return _Lookup(name, rdtype, _Outcome.NODATA)
+        except (dns.exception.DNSException, OSError):
+            # SERVFAIL/REFUSED from every server (NoNameservers), timeouts, network errors.
+            return _Lookup(name, rdtype, _Outcome.TEMPORARY)
+        return _Lookup(name, rdtype, _Outcome.FOUND, tuple(answer))

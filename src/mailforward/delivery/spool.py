@@ -1,0 +1,470 @@
+"""Durable storage for messages that pass-through delivery could not finish.
+
+The server answers 250 only once a message is delivered or safely on disk, so
+:meth:`Spool.put` is durable when it returns and every failure to get there
+raises :class:`SpoolError` (the SMTP layer answers 451 and the sender keeps
+the message).
+
+On-disk format: one file per message, named by its queue id, in the spool
+directory.  The file is a single line of ASCII JSON (the envelope, see
+:data:`FORMAT_VERSION`), a ``\\n``, then the raw content bytes unchanged.  The
+envelope records the content length, so a truncated file is detected even
+without reading the content.
+
+Every write goes to a temp file (``.tmp-<queue id>-<pid>-<random>``) in the
+same directory, is flushed and fsynced, renamed over (or linked to) the final
+name, and the directory is fsynced: a file with a queue-id name is always
+complete.  Temp files are never loaded; stale ones (their process is gone,
+or older than :data:`STALE_TEMP_AGE`) are removed when a Spool is opened.  A
+file that does not parse is moved to ``corrupt/`` and logged, never deleted.
+
+Read-modify-write operations (:meth:`Spool.mark_delivered`, ...) and removal
+hold an exclusive ``flock`` on ``.lock`` in the directory, so a CLI command
+and the running server (or two threads) cannot undo each other's updates --
+a lost ``delivered`` mark would mean sending twice.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..errors import MailforwardError
+from .base import Message
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+QUEUE_ID_RE = re.compile(r"[A-Z0-9]{1,32}")
+TEMP_PREFIX = ".tmp-"
+LOCK_NAME = ".lock"
+CORRUPT_DIR = "corrupt"
+MAX_HEADER = 16 * 1024 * 1024  # an envelope line longer than this is corrupt
+STALE_TEMP_AGE = 3600.0  # a temp file this old is a leftover whatever its pid says
+
+
+class SpoolError(MailforwardError):
+    """The spool could not store or read a message (disk full, I/O error, ...)."""
+
+
+class SpoolNotFound(SpoolError):
+    """No spooled message has this queue id (delivered, removed, or never spooled)."""
+
+
+class SpoolCorrupt(SpoolError):
+    """The spool file did not parse; it has been moved to ``corrupt/``."""
+
+
+class InvalidQueueId(SpoolError):
+    """A queue id with characters other than [A-Z0-9]: refused so no path escapes."""
+
+
+def validate_queue_id(queue_id: str) -> str:
+    """The queue id itself, or :class:`InvalidQueueId`: it becomes a file name."""
+    if not QUEUE_ID_RE.fullmatch(queue_id):
+        raise InvalidQueueId(f"invalid queue id {queue_id!r}")
+    return queue_id
+
+
+@dataclass(frozen=True)
+class SpoolEntry:
+    """A spooled message's envelope: what listing needs, without the content."""
+
+    queue_id: str
+    sender: str  # "" is the null sender
+    pending: tuple[str, ...]  # still to deliver
+    delivered: tuple[str, ...]  # accepted by their destination: never send again
+    failed: tuple[str, ...]  # permanently failed and already bounced
+    created: float
+    attempts: int
+    next_attempt: float
+    errors: Mapping[str, str]  # last error text per pending recipient
+    size: int
+    client_ip: str = ""
+    smtputf8: bool = False
+    original_sender: str = ""  # before SRS: where a DSN goes
+
+    @property
+    def bounce_to(self) -> str:
+        return self.original_sender or self.sender
+
+
+@dataclass(frozen=True)
+class SpooledMessage(SpoolEntry):
+    """A spooled message with its content."""
+
+    content: bytes = field(default=b"", repr=False)
+
+    def message(self) -> Message:
+        """The message to attempt again: addressed to the pending recipients only."""
+        return Message(self.queue_id, self.sender, self.pending, self.content,
+                       self.client_ip, self.smtputf8, self.original_sender)
+
+
+Entries = list[SpoolEntry]  # spelled out here: inside Spool, ``list`` is the method
+
+
+class Spool:
+    """A directory of spooled messages; see the module docstring for the format."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.corrupt_directory = self.directory / CORRUPT_DIR
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not self.directory.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(self.directory))
+        except OSError as e:
+            raise SpoolError(f"spool directory {self.directory}: {e}") from e
+        self._clean_temp_files()
+
+    # --- public API
+
+    def put(self, message: Message, pending: Sequence[str], now: float, next_attempt: float,
+            *, attempts: int = 1, errors: Mapping[str, str] | None = None) -> SpooledMessage:
+        """Store ``message`` durably for its ``pending`` recipients.
+
+        The others in ``message.recipients`` are recorded as delivered.
+        ``attempts`` counts the pass-through attempt that failed; ``errors``
+        is why, per recipient.  A queue id already in the spool is refused
+        rather than overwritten: that would lose a message.
+        """
+        validate_queue_id(message.queue_id)
+        pending_set = set(pending)
+        if not pending_set:
+            raise ValueError("nothing pending: a delivered message is not spooled")
+        if not pending_set <= set(message.recipients):
+            raise ValueError("pending recipients must be among the message's recipients")
+        spooled = SpooledMessage(
+            queue_id=message.queue_id, sender=message.sender,
+            pending=tuple(r for r in _unique(message.recipients) if r in pending_set),
+            delivered=tuple(r for r in _unique(message.recipients) if r not in pending_set),
+            failed=(), created=now, attempts=attempts, next_attempt=next_attempt,
+            errors={r: e for r, e in (errors or {}).items() if r in pending_set},
+            size=len(message.content), client_ip=message.client_ip,
+            original_sender=message.original_sender,
+            smtputf8=message.smtputf8, content=message.content)
+        self._write(spooled, exclusive=True)
+        return spooled
+
+    def get(self, queue_id: str) -> SpooledMessage:
+        """The message with its content; :class:`SpoolNotFound` if there is none."""
+        entry = self._load(self._path(queue_id), with_content=True)
+        assert isinstance(entry, SpooledMessage)
+        return entry
+
+    def list(self) -> Entries:
+        """Every spooled envelope, soonest next attempt first; content is not read."""
+        entries: Entries = []
+        for path in self._message_paths():
+            try:
+                entries.append(self._load(path, with_content=False))
+            except SpoolNotFound:
+                continue  # removed meanwhile (delivered by another process)
+            except SpoolCorrupt:
+                continue  # already moved aside and logged
+        entries.sort(key=lambda e: (e.next_attempt, e.created, e.queue_id))
+        return entries
+
+    def due(self, now: float) -> Entries:
+        """The envelopes whose next attempt is at or before ``now``."""
+        return [e for e in self.list() if e.next_attempt <= now]
+
+    def mark_delivered(self, queue_id: str, recipients: Sequence[str]) -> SpooledMessage:
+        """Record that ``recipients`` accepted the message; durable when it returns.
+
+        After a restart a delivered recipient is never pending again, so the
+        message is never sent twice to a destination that accepted it.
+        Recipients that are not pending are ignored (idempotent).
+        """
+        done = set(recipients)
+        return self._update(queue_id, lambda m: replace(
+            m, pending=tuple(r for r in m.pending if r not in done),
+            delivered=m.delivered + tuple(r for r in m.pending if r in done),
+            errors={r: e for r, e in m.errors.items() if r not in done}))
+
+    def mark_failed(self, queue_id: str, failures: Mapping[str, str]) -> SpooledMessage:
+        """Record permanent failures (already bounced): no longer pending, never retried."""
+        return self._update(queue_id, lambda m: replace(
+            m, pending=tuple(r for r in m.pending if r not in failures),
+            failed=m.failed + tuple(r for r in m.pending if r in failures),
+            errors={r: e for r, e in m.errors.items() if r not in failures}))
+
+    def reschedule(self, queue_id: str, next_attempt: float, attempts: int,
+                   errors: Mapping[str, str]) -> SpooledMessage:
+        """Set the next attempt time and attempt count; ``errors`` update the last errors."""
+        def change(m: SpooledMessage) -> SpooledMessage:
+            merged = {**m.errors, **errors}
+            return replace(m, next_attempt=next_attempt, attempts=attempts,
+                           errors={r: e for r, e in merged.items() if r in m.pending})
+        return self._update(queue_id, change)
+
+    def flush(self, now: float) -> int:
+        """Make every message due at ``now`` (``postqueue -f``); returns how many."""
+        count = 0
+        for entry in self.list():
+            if entry.next_attempt > now:
+                try:
+                    self._update(entry.queue_id, lambda m: replace(m, next_attempt=now))
+                except SpoolNotFound:
+                    continue
+            count += 1
+        return count
+
+    def remove(self, queue_id: str) -> None:
+        """Delete a message durably (so it cannot reappear and be sent again)."""
+        path = self._path(queue_id)
+        with self._locked():
+            try:
+                os.unlink(path)
+            except FileNotFoundError as e:
+                raise SpoolNotFound(f"{queue_id}: not in the spool") from e
+            except OSError as e:
+                raise SpoolError(f"{queue_id}: cannot remove: {e}") from e
+            self._fsync_directory(self.directory)
+
+    # --- files
+
+    def _path(self, queue_id: str) -> Path:
+        return self.directory / validate_queue_id(queue_id)
+
+    def _message_paths(self) -> Iterator[Path]:
+        try:
+            names = os.listdir(self.directory)
+        except OSError as e:
+            raise SpoolError(f"spool directory {self.directory}: {e}") from e
+        for name in names:
+            if QUEUE_ID_RE.fullmatch(name):
+                yield self.directory / name
+
+    def _update(self, queue_id: str,
+                change: Callable[[SpooledMessage], SpooledMessage]) -> SpooledMessage:
+        """Read, change and rewrite one message under the spool lock."""
+        with self._locked():
+            updated = change(self.get(queue_id))
+            self._write(updated, exclusive=False)
+            return updated
+
+    def _write(self, message: SpooledMessage, *, exclusive: bool) -> None:
+        """Write atomically: temp file, fsync, rename (or link if new), fsync the directory."""
+        final = self._path(message.queue_id)
+        temp = self.directory / (f"{TEMP_PREFIX}{message.queue_id}-{os.getpid()}-"
+                                 f"{secrets.token_hex(4)}")
+        data = _encode_header(message) + message.content
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if exclusive:
+                os.link(temp, final)  # fails with EEXIST instead of overwriting
+                os.unlink(temp)
+            else:
+                os.replace(temp, final)
+            self._fsync_directory(self.directory)
+        except OSError as e:
+            _unlink_quietly(temp)
+            if exclusive and e.errno == errno.EEXIST:
+                raise SpoolError(f"{message.queue_id}: already in the spool") from e
+            raise SpoolError(f"{message.queue_id}: cannot write spool file: {e}") from e
+
+    def _load(self, path: Path, *, with_content: bool) -> SpoolEntry:
+        """Parse one spool file; a file that does not parse is moved aside."""
+        try:
+            with open(path, "rb") as f:
+                header = f.readline(MAX_HEADER)
+                actual = os.fstat(f.fileno()).st_size - len(header)
+                content = f.read() if with_content else b""
+        except FileNotFoundError as e:
+            raise SpoolNotFound(f"{path.name}: not in the spool") from e
+        except OSError as e:
+            raise SpoolError(f"{path.name}: cannot read spool file: {e}") from e
+        try:
+            entry = _decode_header(header, path.name)
+            if actual != entry.size or (with_content and len(content) != entry.size):
+                raise ValueError(f"content is {actual} bytes, envelope says {entry.size}")
+        except ValueError as e:
+            self._move_aside(path, str(e))
+            raise SpoolCorrupt(f"{path.name}: corrupt spool file moved aside: {e}") from e
+        return SpooledMessage(**vars(entry), content=content) if with_content else entry
+
+    def _move_aside(self, path: Path, reason: str) -> None:
+        """Keep a corrupt file for the operator in ``corrupt/``; never delete mail."""
+        try:
+            self.corrupt_directory.mkdir(mode=0o700, exist_ok=True)
+            target = self.corrupt_directory / path.name
+            n = 0
+            while target.exists():
+                n += 1
+                target = self.corrupt_directory / f"{path.name}.{n}"
+            os.replace(path, target)
+            self._fsync_directory(self.directory)
+        except FileNotFoundError:
+            return  # moved or removed by someone else meanwhile
+        except OSError as e:
+            log.error("%s: corrupt spool file (%s), cannot move it aside: %s",
+                      path.name, reason, e)
+            return
+        log.error("%s: corrupt spool file (%s), moved to %s", path.name, reason, target)
+
+    def _clean_temp_files(self) -> None:
+        """Remove temp files a crashed writer left; a live writer's are left alone."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError as e:
+            raise SpoolError(f"spool directory {self.directory}: {e}") from e
+        for name in names:
+            if name.startswith(TEMP_PREFIX) and _is_stale_temp(self.directory / name):
+                log.warning("removing leftover spool temp file %s", name)
+                _unlink_quietly(self.directory / name)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An exclusive flock on ``.lock``: serialises read-modify-write across processes."""
+        try:
+            fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise SpoolError(f"spool lock: {e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    @staticmethod
+    def _fsync_directory(directory: Path) -> None:
+        """Make a rename or unlink in ``directory`` durable (raises OSError)."""
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# --- encoding
+
+
+def _encode_header(message: SpoolEntry) -> bytes:
+    header = {
+        "version": FORMAT_VERSION, "queue_id": message.queue_id, "sender": message.sender,
+        "pending": list(message.pending), "delivered": list(message.delivered),
+        "failed": list(message.failed), "created": message.created,
+        "attempts": message.attempts, "next_attempt": message.next_attempt,
+        "errors": dict(message.errors), "size": message.size,
+        "client_ip": message.client_ip, "smtputf8": message.smtputf8,
+        "original_sender": message.original_sender,
+    }
+    # ensure_ascii: the line can never contain a raw newline or invalid UTF-8
+    return json.dumps(header, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+def _decode_header(line: bytes, name: str) -> SpoolEntry:
+    """The envelope from the header line, or ValueError on anything unexpected."""
+    if not line.endswith(b"\n"):
+        raise ValueError("no complete envelope line")
+    try:
+        data: Any = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"envelope is not JSON: {e}") from e
+    if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
+        raise ValueError("unknown envelope format")
+    if data.get("queue_id") != name:
+        raise ValueError(f"envelope is for queue id {data.get('queue_id')!r}")
+    errors = data.get("errors")
+    if not (isinstance(errors, dict)
+            and all(isinstance(v, str) for v in errors.values())):
+        raise ValueError("bad field 'errors'")
+    return SpoolEntry(
+        queue_id=name, sender=_field(data, "sender", str),
+        pending=_addresses(data, "pending"), delivered=_addresses(data, "delivered"),
+        failed=_addresses(data, "failed"), created=_number(data, "created"),
+        attempts=_field(data, "attempts", int), next_attempt=_number(data, "next_attempt"),
+        errors=errors, size=_field(data, "size", int),
+        client_ip=_field(data, "client_ip", str), smtputf8=_field(data, "smtputf8", bool),
+        original_sender=str(data.get("original_sender", "")))
+
+
+T = TypeVar("T")
+
+
+def _field(data: dict[str, Any], key: str, kind: type[T]) -> T:
+    value = data.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"bad field {key!r}")
+    return value
+
+
+def _number(data: dict[str, Any], key: str) -> float:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"bad field {key!r}")
+    return float(value)
+
+
+def _addresses(data: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = data.get(key)
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise ValueError(f"bad field {key!r}")
+    return tuple(value)
+
+
+# --- small helpers
+
+
+def _unique(items: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write may write less than asked (signals, some filesystems): loop."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:  # never for regular files, but never loop forever either
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _is_stale_temp(path: Path) -> bool:
+    """A temp file whose writer is gone (or that is old): safe to remove."""
+    parts = path.name[len(TEMP_PREFIX):].split("-")
+    try:
+        pid = int(parts[1])
+        age = time.time() - path.stat().st_mtime
+    except (IndexError, ValueError):
+        return True
+    except OSError:
+        return False  # gone already
+    return age > STALE_TEMP_AGE or not _process_alive(pid)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # another Spool object or thread of ours may be writing it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

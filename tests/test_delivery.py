@@ -1,0 +1,216 @@
+"""The pass-through acknowledgement contract, against a real DNS server and real SMTP sinks.
+
+Destinations are routed by MX through a DNS server on loopback to sinks on
+127.0.0.x.  A sink's answer depends on the recipient's local part:
+``reject*`` -> 550, ``defer*`` -> 451, ``slow*`` -> DATA answered after 3 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from mailforward.delivery.base import Message
+from mailforward.delivery.client import ClientSettings
+from mailforward.delivery.passthrough import PassThroughDelivery, Router
+from mailforward.delivery.retry import RetryPolicy
+from mailforward.delivery.routing import MxRouter
+from mailforward.delivery.spool import Spool
+
+from dns_server import LoopbackDNSServer, ZoneResolver
+
+CONTENT = b"From: sender@ext.test\r\nSubject: hello\r\n\r\nbody-marker-91f2\r\n"
+
+ZONE = """
+ok.test.        300 IN MX 10 mx.ok.test.
+mx.ok.test.     300 IN A 127.0.0.2
+other.test.     300 IN MX 10 mx.other.test.
+mx.other.test.  300 IN A 127.0.0.2
+plain8.test.    300 IN MX 10 mx.plain8.test.
+mx.plain8.test. 300 IN A 127.0.0.3
+backup.test.    300 IN MX 10 dead.backup.test.
+backup.test.    300 IN MX 20 mx.ok.test.
+dead.backup.test. 300 IN A 127.0.0.4
+implicit.test.  300 IN A 127.0.0.2
+nullmx.test.    300 IN MX 0 .
+"""
+
+
+class BehaviourSink:
+    def __init__(self) -> None:
+        self.envelopes: list[tuple[str, list[str], bytes]] = []
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          options: list[str]) -> str:
+        local = address.partition("@")[0]
+        if local.startswith("reject"):
+            return "550 5.1.1 No such user here"
+        if local.startswith("defer"):
+            return "451 4.2.0 Mailbox busy, try later"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if any(r.startswith("slow") for r in envelope.rcpt_tos):
+            await asyncio.sleep(3)
+        self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+        return "250 2.0.0 Ok: sunk"
+
+
+def _port_free_on(addresses: list[str]) -> int:
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((addresses[0], 0))
+            port = int(s.getsockname()[1])
+        try:
+            for address in addresses[1:]:
+                with socket.socket() as t:
+                    t.bind((address, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no common free port")
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[dict[str, Any]]:
+    port = _port_free_on(["127.0.0.2", "127.0.0.3", "127.0.0.4"])
+    sink, plain = BehaviourSink(), BehaviourSink()
+    controllers = [Controller(sink, hostname="127.0.0.2", port=port, enable_SMTPUTF8=True),
+                   Controller(plain, hostname="127.0.0.3", port=port, enable_SMTPUTF8=False)]
+    for c in controllers:
+        c.start()
+    with LoopbackDNSServer(ZoneResolver(ZONE, servfail=["servfail.test."])) as dns:
+        yield {"port": port, "sink": sink, "plain": plain, "nameserver": dns.nameserver}
+    for c in controllers:
+        c.stop()
+
+
+@pytest.fixture
+def delivery(world: dict[str, Any], tmp_path: Path) -> PassThroughDelivery:
+    world["sink"].envelopes.clear()
+    router = Router(MxRouter([world["nameserver"]], port=world["port"], timeout=2))
+    return PassThroughDelivery(router, Spool(tmp_path / "spool"), ClientSettings("mx.mailforward.test", 2, 5),
+                               RetryPolicy(), "mx.mailforward.test", passthrough_timeout=1.5)
+
+
+def message(*recipients: str, sender: str = "SRS0=abcd=XY=ext.test=sender@fwd.test",
+            smtputf8: bool = False) -> Message:
+    return Message("ABCDEF0123", sender, recipients, CONTENT, "192.0.2.9", smtputf8,
+                   original_sender="sender@ext.test" if sender else "")
+
+
+def spooled(delivery: PassThroughDelivery) -> list[Any]:
+    return delivery.spool.list()
+
+
+async def test_all_destinations_accepted_is_250(delivery: PassThroughDelivery,
+                                                world: dict[str, Any]) -> None:
+    reply = await delivery.deliver(message("a@ok.test", "b@other.test"))
+    assert reply.code == 250 and reply.status == "2.0.0"
+    assert sorted(r for _, rcpts, _ in world["sink"].envelopes for r in rcpts) == ["a@ok.test", "b@other.test"]
+    assert spooled(delivery) == []
+
+
+async def test_one_transaction_per_domain(delivery: PassThroughDelivery, world: dict[str, Any]) -> None:
+    await delivery.deliver(message("a@ok.test", "b@ok.test"))
+    assert [rcpts for _, rcpts, _ in world["sink"].envelopes] == [["a@ok.test", "b@ok.test"]]
+
+
+async def test_envelope_sender_is_passed_on(delivery: PassThroughDelivery, world: dict[str, Any]) -> None:
+    await delivery.deliver(message("a@ok.test"))
+    assert world["sink"].envelopes[0][0] == "SRS0=abcd=XY=ext.test=sender@fwd.test"
+
+
+async def test_all_rejected_passes_the_downstream_5xx_back(delivery: PassThroughDelivery) -> None:
+    reply = await delivery.deliver(message("reject1@ok.test", "reject2@other.test"))
+    assert (reply.code, reply.status) == (550, "5.1.1")
+    assert reply.text.startswith("<reject") and "No such user here" in reply.text
+    assert spooled(delivery) == []  # nothing stored, no DSN
+
+
+async def test_all_deferred_is_451_and_nothing_is_stored(delivery: PassThroughDelivery) -> None:
+    reply = await delivery.deliver(message("defer1@ok.test", "defer2@other.test"))
+    assert reply.code == 451 and reply.status.startswith("4.")
+    assert spooled(delivery) == []
+
+
+async def test_mixed_accepted_and_deferred_spools_the_remainder(delivery: PassThroughDelivery) -> None:
+    reply = await delivery.deliver(message("a@ok.test", "defer@other.test"))
+    assert reply.code == 250
+    (entry,) = spooled(delivery)
+    assert list(entry.pending) == ["defer@other.test"]
+
+
+async def test_mixed_accepted_and_rejected_sends_a_dsn_to_the_original_sender(
+        delivery: PassThroughDelivery) -> None:
+    reply = await delivery.deliver(message("a@ok.test", "reject@other.test"))
+    assert reply.code == 250
+    (dsn,) = spooled(delivery)
+    assert dsn.sender == "" and list(dsn.pending) == ["sender@ext.test"]
+    content = delivery.spool.get(dsn.queue_id).content
+    assert b"reject@other.test" in content and b"body-marker-91f2" not in content
+
+
+async def test_no_dsn_for_the_null_sender(delivery: PassThroughDelivery) -> None:
+    reply = await delivery.deliver(message("a@ok.test", "reject@other.test", sender=""))
+    assert reply.code == 250
+    assert spooled(delivery) == []
+
+
+async def test_slow_destination_is_spooled_after_the_passthrough_timeout(
+        delivery: PassThroughDelivery) -> None:
+    reply = await delivery.deliver(message("slow@ok.test"))
+    assert reply.code == 250
+    assert [list(e.pending) for e in spooled(delivery)] == [["slow@ok.test"]]
+
+
+async def test_unwritable_spool_is_451_never_250(world: dict[str, Any], tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    router = Router(MxRouter([world["nameserver"]], port=world["port"], timeout=2))
+    spool = Spool(tmp_path / "spool")
+    delivery = PassThroughDelivery(router, spool, ClientSettings("mx.test", 2, 5), RetryPolicy(),
+                                   "mx.test", passthrough_timeout=1.5)
+    spool.directory = blocker / "spool"  # type: ignore[misc]
+    reply = await delivery.deliver(message("a@ok.test", "defer@other.test"))
+    assert (reply.code, reply.status) == (451, "4.3.0")
+
+
+async def test_null_mx_is_a_permanent_failure(delivery: PassThroughDelivery) -> None:
+    reply = await delivery.deliver(message("x@nullmx.test"))
+    assert (reply.code, reply.status) == (556, "5.1.10")
+
+
+async def test_nxdomain_is_a_permanent_failure(delivery: PassThroughDelivery) -> None:
+    reply = await delivery.deliver(message("x@nowhere.test"))
+    assert reply.code == 550
+
+
+async def test_servfail_is_a_temporary_failure(delivery: PassThroughDelivery) -> None:
+    reply = await delivery.deliver(message("x@servfail.test"))
+    assert reply.code == 451
+
+
+async def test_domain_without_mx_uses_its_address(delivery: PassThroughDelivery,
+                                                  world: dict[str, Any]) -> None:
+    assert (await delivery.deliver(message("x@implicit.test"))).code == 250
+    assert world["sink"].envelopes[-1][1] == ["x@implicit.test"]
+
+
+async def test_unreachable_mx_falls_back_to_the_next(delivery: PassThroughDelivery,
+                                                     world: dict[str, Any]) -> None:
+    assert (await delivery.deliver(message("x@backup.test"))).code == 250
+    assert world["sink"].envelopes[-1][1] == ["x@backup.test"]
+
+
+async def test_smtputf8_message_to_a_server_without_it_fails_clearly(
+        delivery: PassThroughDelivery) -> None:
+    reply = await delivery.deliver(message("x@plain8.test", smtputf8=True))
+    assert (reply.code, reply.status) == (553, "5.6.7")
