@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,13 +46,14 @@ nullmx.test.    300 IN MX 0 .
 class BehaviourSink:
     def __init__(self) -> None:
         self.envelopes: list[tuple[str, list[str], bytes]] = []
+        self.deferring = True  # "later*" recipients are deferred while this is set
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                           options: list[str]) -> str:
         local = address.partition("@")[0]
         if local.startswith("reject"):
             return "550 5.1.1 No such user here"
-        if local.startswith("defer"):
+        if local.startswith("defer") or (local.startswith("later") and self.deferring):
             return "451 4.2.0 Mailbox busy, try later"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
@@ -214,3 +216,27 @@ async def test_smtputf8_message_to_a_server_without_it_fails_clearly(
         delivery: PassThroughDelivery) -> None:
     reply = await delivery.deliver(message("x@plain8.test", smtputf8=True))
     assert (reply.code, reply.status) == (553, "5.6.7")
+
+
+async def test_spooled_remainder_is_delivered_by_the_scheduler_once_the_destination_recovers(
+        delivery: PassThroughDelivery, world: dict[str, Any]) -> None:
+    from mailforward.delivery.retry import RetryScheduler
+    world["sink"].deferring = True
+    assert (await delivery.deliver(message("a@ok.test", "later@other.test"))).code == 250
+    world["sink"].deferring = False
+    scheduler = RetryScheduler(delivery.spool, delivery.retry_policy, delivery.attempt_spooled,
+                               delivery.bounce)
+    await scheduler.run_once(now=time.time() + 3600)
+    assert spooled(delivery) == []
+    delivered = [rcpts for _, rcpts, _ in world["sink"].envelopes]
+    assert delivered.count(["a@ok.test"]) == 1 and delivered.count(["later@other.test"]) == 1
+
+
+async def test_permanent_failure_on_retry_bounces_to_the_original_sender(
+        delivery: PassThroughDelivery) -> None:
+    from mailforward.delivery.retry import RetryScheduler
+    assert (await delivery.deliver(message("a@ok.test", "later@nullmx.test", "defer@ok.test"))).code == 250
+    entries = spooled(delivery)
+    assert [list(e.pending) for e in entries if e.sender] == [["defer@ok.test"]]
+    dsn = [e for e in entries if not e.sender]
+    assert [list(e.pending) for e in dsn] == [["sender@ext.test"]]  # later@nullmx.test failed at once

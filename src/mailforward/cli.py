@@ -11,14 +11,17 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from .admin import Admin, AliasRow, DomainRow
 from .config import Settings, load_settings
+from .delivery.spool import InvalidQueueId, Spool, SpoolEntry, SpoolError, SpoolNotFound
 from .errors import AddressError, AdminError, ConfigError, MailforwardError
 from .srs import (SrsConfigError, SrsError, SrsNotRewritten, SrsRewriter, SrsSecretError,
                   generate_secret_file, rewriter_from_settings)
@@ -232,6 +235,88 @@ def alias_disable(ctx: click.Context, address: str) -> None:
 def alias_remove(ctx: click.Context, address: str) -> None:
     """Delete an alias."""
     click.echo(f"removed alias {run_admin(ctx, lambda a: a.remove_alias(address))}")
+
+
+# ---------------------------------------------------------------- queue
+
+
+@main.group()
+def queue() -> None:
+    """The spool: messages waiting for a retry (envelopes only; bodies are never shown)."""
+
+
+def spool_from(ctx: click.Context) -> Spool:
+    return Spool(Path(settings_from(ctx).delivery.spool_directory))
+
+
+def _entry_json(entry: SpoolEntry) -> dict[str, Any]:
+    return {"queue_id": entry.queue_id, "sender": entry.sender, "pending": list(entry.pending),
+            "delivered": list(entry.delivered), "size": entry.size, "created": entry.created,
+            "attempts": entry.attempts, "next_attempt": entry.next_attempt,
+            "errors": dict(entry.errors)}
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+@queue.command("list")
+@json_option
+@click.pass_context
+def queue_list(ctx: click.Context, as_json: bool) -> None:
+    """List spooled messages."""
+    entries = spool_from(ctx).list()
+    if as_json:
+        print_json([_entry_json(e) for e in entries])
+        return
+    print_table(["QUEUE ID", "SIZE", "ARRIVED", "NEXT TRY", "SENDER", "PENDING"],
+                [[e.queue_id, str(e.size), _when(e.created), _when(e.next_attempt),
+                  f"<{e.sender}>", ",".join(e.pending)] for e in entries])
+
+
+@queue.command("show")
+@click.argument("queue_id")
+@json_option
+@click.pass_context
+def queue_show(ctx: click.Context, queue_id: str, as_json: bool) -> None:
+    """Envelope, size and last errors of one message (never its content)."""
+    entry = _spooled(ctx, lambda spool: spool.get(queue_id))
+    if as_json:
+        print_json(_entry_json(entry))
+        return
+    click.echo(f"queue id:  {entry.queue_id}\nsize:      {entry.size}\n"
+               f"arrived:   {_when(entry.created)}\nnext try:  {_when(entry.next_attempt)}\n"
+               f"attempts:  {entry.attempts}\nsender:    <{entry.sender}>")
+    for rcpt in entry.pending:
+        click.echo(f"pending:   <{rcpt}> {entry.errors.get(rcpt, '')}".rstrip())
+    for rcpt in entry.delivered:
+        click.echo(f"delivered: <{rcpt}>")
+
+
+@queue.command("flush")
+@click.pass_context
+def queue_flush(ctx: click.Context) -> None:
+    """Make every message due now; the running server retries them within seconds."""
+    count = _spooled(ctx, lambda spool: spool.flush(time.time()))
+    click.echo(f"{count} message(s) due for delivery now")
+
+
+@queue.command("delete")
+@click.argument("queue_id")
+@click.pass_context
+def queue_delete(ctx: click.Context, queue_id: str) -> None:
+    """Delete one message from the spool, without a bounce."""
+    _spooled(ctx, lambda spool: spool.remove(queue_id))
+    click.echo(f"deleted {queue_id}")
+
+
+def _spooled(ctx: click.Context, action: Callable[[Spool], T]) -> T:
+    try:
+        return action(spool_from(ctx))
+    except (InvalidQueueId, SpoolNotFound) as e:
+        raise UsageFailure(str(e)) from None
+    except SpoolError as e:
+        raise click.ClickException(str(e)) from None
 
 
 # ---------------------------------------------------------------- SRS

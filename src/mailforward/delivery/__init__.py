@@ -25,5 +25,5 @@ def build_delivery(settings: Settings) -> tuple[PassThroughDelivery, RetrySchedu
     spool = Spool(Path(d.spool_directory))
     delivery = PassThroughDelivery(router, spool, client, retry_policy(settings),
                                    settings.server.hostname, d.passthrough_timeout)
-    scheduler = RetryScheduler(spool, retry_policy(settings), delivery.retry, delivery.bounce)
+    scheduler = RetryScheduler(spool, retry_policy(settings), delivery.attempt_spooled, delivery.bounce)
     return delivery, scheduler

@@ -66,7 +66,7 @@ class PassThroughDelivery:
         self.router = router
         self.spool = spool
         self.client = client
-        self.retry = retry
+        self.retry_policy = retry
         self.hostname = hostname
         self.passthrough_timeout = passthrough_timeout
         self.clock = clock
@@ -125,7 +125,7 @@ class PassThroughDelivery:
             if deferred:
                 now = self.clock()
                 await asyncio.to_thread(self.spool.put, message, deferred, now,
-                                        self.retry.next_attempt(now, 0, now))
+                                        self.retry_policy.next_attempt(now, 0, now))
             if failed:
                 await asyncio.to_thread(self.send_dsn, message, failed)
         except SpoolError as e:
@@ -135,7 +135,7 @@ class PassThroughDelivery:
 
     # ------------------------------------------------------------ the retry scheduler's hooks
 
-    async def retry(self, spooled: SpooledMessage) -> AttemptResult:
+    async def attempt_spooled(self, spooled: SpooledMessage) -> AttemptResult:
         """One more attempt for a spooled message's pending destinations."""
         outcomes = await self.attempt(spooled.message(), spooled.pending, timeout=None)
         return AttemptResult(
