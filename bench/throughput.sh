@@ -15,7 +15,8 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-smtp-sink 127.0.0.1:"$SINK_PORT" 1024 >/dev/null 2>&1 & pids+=($!)
+as_user=(); [ "$(id -u)" = 0 ] && as_user=(-u "$(id -un postfix 2>/dev/null || echo nobody)")
+smtp-sink "${as_user[@]}" 127.0.0.1:"$SINK_PORT" 1024 >/dev/null 2>&1 & pids+=($!)
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/srs.secret"; chmod 600 "$work/srs.secret"
 cat > "$work/mailforward.toml" <<TOML
 [server]
