@@ -567,3 +567,32 @@ def test_logs_never_contain_message_content(smtp_server: ServerThread,
     assert smtp_server.messages
     assert marker not in caplog.text
     assert "client=127.0.0.1" in caplog.text and "status=250 2.0.0" in caplog.text
+
+
+def test_long_lines_count_once_against_the_size_limit(seeded_database: DatabaseSettings) -> None:
+    server = ServerThread(seeded_database, message_size_limit=8000)
+    try:
+        line = "w" * 5000
+        with RawClient(server.host, server.port) as c:
+            _start_data(c)
+            c.send(f"Subject: x\r\n\r\n{line}\r\n.\r\n")
+            assert c.read_reply().startswith("250")
+        assert server.messages[0].content.endswith(line.encode() + b"\r\n")
+    finally:
+        server.close()
+
+
+def test_dot_after_an_oversized_long_line_does_not_end_data(seeded_database: DatabaseSettings) -> None:
+    server = ServerThread(seeded_database, message_size_limit=3000)
+    try:
+        with RawClient(server.host, server.port) as c:
+            _start_data(c)
+            # The long line's last piece is ".", its line end arrives on its own.
+            c.send("Subject: x\r\n\r\n" + "v" * 5000 + ".")
+            time.sleep(0.2)
+            c.send("\r\nmore\r\n.\r\n")
+            assert c.read_reply() == str(replies.MESSAGE_TOO_BIG)
+            assert c.command("NOOP") == str(replies.OK)
+        assert server.messages == []
+    finally:
+        server.close()

@@ -260,35 +260,37 @@ class SmtpProtocol(SMTP):  # type: ignore[misc]
         await self.reply(result)
 
     async def _read_data(self) -> bytes | Reply:
-        """Read until ``<CRLF>.<CRLF>``; a bare LF ends nothing, it is refused."""
+        """Read until ``<CRLF>.<CRLF>``; a bare LF ends nothing, it is refused.
+
+        A line longer than the reader's buffer arrives in pieces; each byte
+        is counted once against the size limit, and a long line's pieces are
+        dropped (all but the last byte, for the CRLF check) once over it.
+        Only a whole ``.<CRLF>`` line ends the data.
+        """
         limit = self.data_size_limit
         lines: list[bytes] = []
         size = 0
-        partial: list[bytes] = []
+        head = b""  # the pieces of a long line read so far
+        continued = False
         while True:
             try:
-                line = bytes(await self._reader.readuntil(b"\n"))
+                piece = bytes(await self._reader.readuntil(b"\n"))
             except asyncio.LimitOverrunError as e:
                 chunk = bytes(await self._reader.readexactly(e.consumed))
                 size += len(chunk)
-                if size <= limit:
-                    partial.append(chunk)
+                head = head + chunk if size <= limit else chunk[-1:]
+                continued = True
                 continue
             self._reset_timeout()
-            if partial:
-                line = b"".join(partial) + line
-                partial.clear()
-                if not line.endswith(b"\r\n"):
-                    return replies.BARE_NEWLINE
-            elif not line.endswith(b"\r\n"):
+            line, head = head + piece, b""
+            if not line.endswith(b"\r\n"):
                 return replies.BARE_NEWLINE
-            if line == b".\r\n":
+            if line == b".\r\n" and not continued:
                 break
-            if line.startswith(b"."):
-                line = line[1:]
-            size += len(line)
+            continued = False
+            size += len(piece)
             if size <= limit:
-                lines.append(line)
+                lines.append(line[1:] if line.startswith(b".") else line)
             else:
                 lines.clear()
         if size > limit:
