@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pymysql
 import pytest
@@ -13,6 +14,9 @@ import pytest
 from mailforward.admin import Admin
 from mailforward.config import DatabaseSettings
 from mailforward.tables import open_admin_database
+
+if TYPE_CHECKING:
+    from smtp_harness import ServerThread
 
 MARIADB_HOST = "127.0.0.1"
 MARIADB_PORT = 3306
@@ -63,6 +67,18 @@ def mariadb_execute(dbname: str, *statements: str) -> None:
         cur.execute(f"USE `{dbname}`")
         for statement in statements:
             cur.execute(statement)
+    conn.close()
+
+
+def raw_sql(settings: DatabaseSettings, backend: str, sql: str) -> None:
+    """Write a row directly, bypassing the admin layer's validation."""
+    if backend == "mariadb":
+        mariadb_execute(settings.url.rsplit("/", 1)[1], sql)
+        return
+    import sqlite3
+    conn = sqlite3.connect(settings.url.removeprefix("sqlite:///"))
+    conn.execute(sql)
+    conn.commit()
     conn.close()
 
 

@@ -11,7 +11,7 @@ from mailforward.aliases import NoDestination, alias_keys, expand_alias, lookup_
 from mailforward.config import DatabaseSettings
 from mailforward.tables import open_admin_database, open_table
 
-from conftest import mariadb_execute
+from conftest import raw_sql
 
 
 # ---------------------------------------------------------------- helpers
@@ -28,21 +28,9 @@ async def add_aliases(settings: DatabaseSettings, *rows: tuple[str, str]) -> Non
         await db.close()
 
 
-async def raw_sql(settings: DatabaseSettings, backend: str, sql: str) -> None:
-    """Write a row the admin layer would refuse (the same idea as test_tables._raw)."""
-    if backend == "mariadb":
-        mariadb_execute(settings.url.rsplit("/", 1)[1], sql)
-    else:
-        import sqlite3
-        conn = sqlite3.connect(settings.url.removeprefix("sqlite:///"))
-        conn.execute(sql)
-        conn.commit()
-        conn.close()
-
-
 async def raw_alias(settings: DatabaseSettings, backend: str, row_id: int, address: str,
                     goto: str, domain: str = "example.org") -> None:
-    await raw_sql(settings, backend,
+    raw_sql(settings, backend,
                   "INSERT INTO alias (id, address, goto, active, domain_id) "
                   f"SELECT {row_id}, '{address}', '{goto}', 1, id FROM domain WHERE name='{domain}'")
 

@@ -234,7 +234,6 @@ async def test_spooled_remainder_is_delivered_by_the_scheduler_once_the_destinat
 
 async def test_permanent_failure_on_retry_bounces_to_the_original_sender(
         delivery: PassThroughDelivery) -> None:
-    from mailforward.delivery.retry import RetryScheduler
     assert (await delivery.deliver(message("a@ok.test", "later@nullmx.test", "defer@ok.test"))).code == 250
     entries = spooled(delivery)
     assert [list(e.pending) for e in entries if e.sender] == [["defer@ok.test"]]

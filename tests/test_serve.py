@@ -6,7 +6,6 @@ replayed with its own probe; every difference must be one we chose.
 
 from __future__ import annotations
 
-import os
 import re
 import smtplib
 import subprocess

@@ -15,10 +15,10 @@ from mailforward.cli import main
 from mailforward.config import DatabaseSettings
 from mailforward.smtpd import replies
 from mailforward.smtpd.server import MailServer
-from mailforward.srs import SrsRewriter, generate_secret_file
+from mailforward.srs import SrsRewriter
 
 from smtp_harness import ServerThread, free_port, wait_for_port
-from test_smtpd import dialog, rcpt_reply, send
+from test_smtpd import rcpt_reply, send
 
 SECRET = "tops3cr3t"
 

@@ -15,7 +15,7 @@ from mailforward.errors import TemporaryLookupError
 from mailforward.tables import open_table
 from mailforward.tables.cache import CachedTable
 
-from conftest import mariadb_execute, mariadb_url
+from conftest import raw_sql
 
 
 async def test_active_domain_is_hosted(seeded_settings: DatabaseSettings) -> None:
@@ -85,14 +85,14 @@ async def test_recipient_delimiter_falls_back_to_base_address(seeded_settings: D
 
 async def test_goto_with_spaces_is_tolerated(seeded_settings: DatabaseSettings, backend: str) -> None:
     sql = "UPDATE alias SET goto=' x@sink.test ,  y@sink.test ' WHERE address='alice@example.org'"
-    await _raw(seeded_settings, backend, sql)
+    raw_sql(seeded_settings, backend, sql)
     table = await open_table(seeded_settings)
     assert await table.alias_destinations("alice@example.org") == ("x@sink.test", "y@sink.test")
     await table.close()
 
 
 async def test_legacy_mixed_case_row_still_matches(seeded_settings: DatabaseSettings, backend: str) -> None:
-    await _raw(seeded_settings, backend, "UPDATE alias SET address='Alice@Example.org' WHERE id=1")
+    raw_sql(seeded_settings, backend, "UPDATE alias SET address='Alice@Example.org' WHERE id=1")
     table = await open_table(seeded_settings)
     assert await table.alias_destinations("alice@example.org") == ("alice.dest@sink.test",)
     await table.close()
@@ -212,14 +212,3 @@ async def test_temporary_failures_are_never_cached() -> None:
         await table.domain_is_hosted("example.org")
     inner.fail = False
     assert await table.domain_is_hosted("example.org")
-
-
-async def _raw(settings: DatabaseSettings, backend: str, sql: str) -> None:
-    if backend == "mariadb":
-        mariadb_execute(settings.url.rsplit("/", 1)[1], sql)
-    else:
-        import sqlite3
-        conn = sqlite3.connect(settings.url.removeprefix("sqlite:///"))
-        conn.execute(sql)
-        conn.commit()
-        conn.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -381,6 +380,7 @@ def srs_reverse(ctx: click.Context, address: str) -> None:
 @click.pass_context
 def srs_serve(ctx: click.Context) -> None:
     """Answer Postfix tcp_table queries like PostSRSd 1.x ([srs] forward_port / reverse_port)."""
+    from .smtpd.server import wait_for_signal
     from .srs_tcp import start_srs_tcp_servers
 
     rewriter = rewriter_from(ctx)
@@ -399,14 +399,6 @@ def srs_serve(ctx: click.Context) -> None:
         asyncio.run(run())
     except OSError as e:
         raise click.ClickException(f"cannot listen: {e}") from None
-
-
-async def wait_for_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
 
 
 if __name__ == "__main__":  # pragma: no cover

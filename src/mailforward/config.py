@@ -119,14 +119,17 @@ class DeliverySettings:
     max_lifetime: float = 5 * 86400.0
 
     def __post_init__(self) -> None:
-        if self.relay_host:
-            host = self.relay_host.strip()
-            if host.startswith("["):
-                host = host[1:].replace("]", "", 1)
-            parse_host_port(host if ":" in host and not host.count(":") > 1 else f"{host}:25",
-                            "[delivery] relay_host")
-        for server in self.nameservers:
-            parse_host_port(server, "[delivery] nameservers", default_port=53)
+        # The parsers delivery uses, so what is accepted here is what works there.
+        from .delivery.routing import parse_nameserver, parse_relayhost
+
+        for key, values, parse in (("relay_host", [self.relay_host] if self.relay_host else [],
+                                    parse_relayhost),
+                                   ("nameservers", self.nameservers, parse_nameserver)):
+            for value in values:
+                try:
+                    parse(value)
+                except ConfigError as e:
+                    raise ConfigError(f"[delivery] {key}: {e}") from None
         if not 0 < self.port < 65536:
             raise ConfigError("[delivery] port: not a port number")
         _positive(self, "delivery", "dns_timeout", "connect_timeout", "command_timeout",

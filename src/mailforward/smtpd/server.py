@@ -63,6 +63,15 @@ class MailServer:
         self._servers.clear()
 
 
+async def wait_for_signal() -> None:
+    """Return on SIGTERM or SIGINT: how every long-running command stops."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
 async def run(settings: Settings) -> None:
     """``mailforward serve``: listen until SIGTERM or SIGINT."""
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's chatter, never content
@@ -73,14 +82,10 @@ async def run(settings: Settings) -> None:
     delivery, scheduler = build_delivery(settings)
     retries = asyncio.create_task(scheduler.run_forever(RETRY_INTERVAL))
     server = MailServer(settings, table, delivery, srs)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
         for host, port in await server.start():
             log.info("listening on %s:%d as %s", host, port, settings.server.hostname)
-        await stop.wait()
+        await wait_for_signal()
         log.info("stopping")
     finally:
         await server.stop()
