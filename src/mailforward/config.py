@@ -58,8 +58,14 @@ class ServerSettings:
     hopcount_limit: int = 50
     tls_cert: str = ""
     tls_key: str = ""
+    public_ips: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for ip in self.public_ips:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise ConfigError(f"[server] public_ips: {ip!r} is not an IP address") from None
         for item in self.listen:
             parse_host_port(item, "[server] listen")
         for net in self.mynetworks:
@@ -166,11 +172,87 @@ class SrsSettings:
 
 
 @dataclass(frozen=True)
+class DkimSettings:
+    """OpenDKIM's KeyTable, SigningTable and TrustedHosts, as files or inline lines.
+
+    The files are read in OpenDKIM's own formats, so an operator can point
+    these keys at ``/etc/opendkim/*`` unchanged.  The inline lists hold the
+    same lines, for a config that is one file.  ``signing_table`` may carry
+    OpenDKIM's ``refile:`` prefix (wildcard patterns); without it entries are
+    exact addresses or domains, as in OpenDKIM.
+    """
+
+    key_table: str = ""
+    signing_table: str = ""
+    trusted_hosts: str = ""
+    keys: tuple[str, ...] = ()
+    signing: tuple[str, ...] = ()
+    trusted: tuple[str, ...] = ()
+    sign_forwarded_as: str = ""
+    canonicalization: str = "relaxed/simple"
+
+    def __post_init__(self) -> None:
+        header, _, body = self.canonicalization.partition("/")
+        if header not in ("relaxed", "simple") or body not in ("", "relaxed", "simple"):
+            raise ConfigError("[dkim] canonicalization: write header/body, each relaxed or simple")
+        if self.key_table and self.keys:
+            raise ConfigError("[dkim] key_table and keys: give the KeyTable as a file or inline, not both")
+        if self.signing_table and self.signing:
+            raise ConfigError("[dkim] signing_table and signing: give the SigningTable as a file "
+                              "or inline, not both")
+        if self.trusted_hosts and self.trusted:
+            raise ConfigError("[dkim] trusted_hosts and trusted: give TrustedHosts as a file "
+                              "or inline, not both")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.key_table or self.keys)
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Inbound verification: SPF, DKIM, DMARC and ARC into ``Authentication-Results``.
+
+    DNS goes through ``[delivery] nameservers``.  ``authserv_id`` defaults to
+    ``[server] hostname``.
+    """
+
+    verify: bool = True
+    authserv_id: str = ""
+    dns_timeout: float = 5.0
+    reject_dmarc_reject: bool = True
+    reject_spf_fail: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(self, "auth", "dns_timeout")
+
+
+@dataclass(frozen=True)
+class ArcSettings:
+    """ARC sealing (RFC 8617) of every forwarded message; on when ``domain`` is set.
+
+    The key is the KeyTable's entry for ``selector._domainkey.domain`` unless
+    ``key_file`` names one.
+    """
+
+    domain: str = ""
+    selector: str = ""
+    key_file: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.domain) != bool(self.selector):
+            raise ConfigError("[arc] domain and selector: set both or neither")
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     srs: SrsSettings = field(default_factory=SrsSettings)
+    dkim: DkimSettings = field(default_factory=DkimSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    arc: ArcSettings = field(default_factory=ArcSettings)
 
 
 @dataclass(frozen=True)

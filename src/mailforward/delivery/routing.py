@@ -29,6 +29,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import TypeVar
 
 import dns.asyncresolver
 import dns.exception
@@ -185,19 +186,30 @@ def _literal_address(domain: str) -> str | None:
     return address
 
 
-def _make_resolver(nameservers: Sequence[str], timeout: float) -> dns.asyncresolver.Resolver:
-    """A resolver for the given nameservers, or the system's when there are none.
+def make_resolver(nameservers: Sequence[str], timeout: float) -> dns.asyncresolver.Resolver:
+    """An asyncio resolver for the given nameservers, or the system's when there are none."""
+    return _configure(dns.asyncresolver.Resolver, nameservers, timeout)
 
-    ``timeout`` bounds each lookup as a whole; a single nameserver try gets
+
+def make_sync_resolver(nameservers: Sequence[str], timeout: float) -> dns.resolver.Resolver:
+    """The same, blocking: for libraries that resolve synchronously (pyspf, dkimpy)."""
+    return _configure(dns.resolver.Resolver, nameservers, timeout)
+
+
+R = TypeVar("R", dns.asyncresolver.Resolver, dns.resolver.Resolver)
+
+
+def _configure(kind: type[R], nameservers: Sequence[str], timeout: float) -> R:
+    """``timeout`` bounds each lookup as a whole; a single nameserver try gets
     at most half of it, so a silent first nameserver leaves time for the next.
     """
     if nameservers:
-        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver = kind(configure=False)
         resolver.nameservers = [dns.nameserver.Do53Nameserver(address, port)
                                 for address, port in map(parse_nameserver, nameservers)]
     else:
         try:
-            resolver = dns.asyncresolver.Resolver()
+            resolver = kind()
         except dns.resolver.NoResolverConfiguration as e:
             raise ConfigError(f"no nameservers configured and no system resolver: {e}") from None
     resolver.lifetime = timeout
@@ -226,7 +238,7 @@ class MxRouter:
         self.port = port
         self.timeout = timeout
         self._rng = rng if rng is not None else random.Random()
-        self._resolver = _make_resolver(nameservers, timeout)
+        self._resolver = make_resolver(nameservers, timeout)
 
     async def next_hops(self, domain: str) -> list[NextHop]:
         """Where mail for ``domain`` goes, best first; raises a RoutingError when nowhere."""

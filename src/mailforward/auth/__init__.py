@@ -1,0 +1,1 @@
+"""Message authentication: inbound verdicts (SPF, DKIM, DMARC, ARC) and outbound DKIM/ARC."""
