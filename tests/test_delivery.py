@@ -2,13 +2,16 @@
 
 Destinations are routed by MX through a DNS server on loopback to sinks on
 127.0.0.x.  A sink's answer depends on the recipient's local part:
-``reject*`` -> 550, ``defer*`` -> 451, ``slow*`` -> DATA answered after 3 s.
+``reject*`` -> 550, ``defer*`` -> 451, ``slow*`` -> DATA answered after 3 s,
+``drop*`` -> the connection is dropped instead of answering DATA.  The sink on
+127.0.0.5 offers STARTTLS; the others do not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +27,7 @@ from mailforward.delivery.retry import RetryPolicy
 from mailforward.delivery.routing import MxRouter
 from mailforward.delivery.spool import Spool
 
+from certs import write_self_signed
 from dns_server import LoopbackDNSServer, ZoneResolver
 
 CONTENT = b"From: sender@ext.test\r\nSubject: hello\r\n\r\nbody-marker-91f2\r\n"
@@ -40,6 +44,8 @@ backup.test.    300 IN MX 20 mx.ok.test.
 dead.backup.test. 300 IN A 127.0.0.4
 implicit.test.  300 IN A 127.0.0.2
 nullmx.test.    300 IN MX 0 .
+tls.test.       300 IN MX 10 mx.tls.test.
+mx.tls.test.    300 IN A 127.0.0.5
 """
 
 
@@ -47,6 +53,7 @@ class BehaviourSink:
     def __init__(self) -> None:
         self.envelopes: list[tuple[str, list[str], bytes]] = []
         self.deferring = True  # "later*" recipients are deferred while this is set
+        self.encrypted: list[bool] = []  # per delivered envelope: did it arrive over TLS?
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                           options: list[str]) -> str:
@@ -61,7 +68,11 @@ class BehaviourSink:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         if any(r.startswith("slow") for r in envelope.rcpt_tos):
             await asyncio.sleep(3)
+        if any(r.startswith("drop") for r in envelope.rcpt_tos):
+            server.transport.close()  # the whole message arrived; the answer never leaves
+            return "250 2.0.0 never sent"
         self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+        self.encrypted.append(session.ssl is not None)
         return "250 2.0.0 Ok: sunk"
 
 
@@ -81,15 +92,19 @@ def _port_free_on(addresses: list[str]) -> int:
 
 
 @pytest.fixture(scope="module")
-def world() -> Iterator[dict[str, Any]]:
-    port = _port_free_on(["127.0.0.2", "127.0.0.3", "127.0.0.4"])
-    sink, plain = BehaviourSink(), BehaviourSink()
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    port = _port_free_on(["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"])
+    sink, plain, tls = BehaviourSink(), BehaviourSink(), BehaviourSink()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*write_self_signed(tmp_path_factory.mktemp("tls"), "mx.tls.test"))
     controllers = [Controller(sink, hostname="127.0.0.2", port=port, enable_SMTPUTF8=True),
-                   Controller(plain, hostname="127.0.0.3", port=port, enable_SMTPUTF8=False)]
+                   Controller(plain, hostname="127.0.0.3", port=port, enable_SMTPUTF8=False),
+                   Controller(tls, hostname="127.0.0.5", port=port, tls_context=context)]
     for c in controllers:
         c.start()
     with LoopbackDNSServer(ZoneResolver(ZONE, servfail=["servfail.test."])) as dns:
-        yield {"port": port, "sink": sink, "plain": plain, "nameserver": dns.nameserver}
+        yield {"port": port, "sink": sink, "plain": plain, "tls": tls,
+               "nameserver": dns.nameserver}
     for c in controllers:
         c.stop()
 
@@ -97,6 +112,7 @@ def world() -> Iterator[dict[str, Any]]:
 @pytest.fixture
 def delivery(world: dict[str, Any], tmp_path: Path) -> PassThroughDelivery:
     world["sink"].envelopes.clear()
+    world["sink"].encrypted.clear()
     router = Router(MxRouter([world["nameserver"]], port=world["port"], timeout=2))
     return PassThroughDelivery(router, Spool(tmp_path / "spool"), ClientSettings("mx.mailforward.test", 2, 5),
                                RetryPolicy(), "mx.mailforward.test", passthrough_timeout=1.5)
@@ -239,3 +255,28 @@ async def test_permanent_failure_on_retry_bounces_to_the_original_sender(
     assert [list(e.pending) for e in entries if e.sender] == [["defer@ok.test"]]
     dsn = [e for e in entries if not e.sender]
     assert [list(e.pending) for e in dsn] == [["sender@ext.test"]]  # later@nullmx.test failed at once
+
+
+async def test_connection_dropped_before_the_data_reply_is_a_deferral(
+        delivery: PassThroughDelivery) -> None:
+    reply = await delivery.deliver(message("drop@ok.test"))
+    assert reply.code == 451 and reply.status.startswith("4.4.")
+    assert spooled(delivery) == []  # the sender still holds it and retries
+
+
+async def test_connection_dropped_for_one_domain_spools_only_that_domain(
+        delivery: PassThroughDelivery) -> None:
+    assert (await delivery.deliver(message("a@ok.test", "drop@other.test"))).code == 250
+    assert [list(e.pending) for e in spooled(delivery)] == [["drop@other.test"]]
+
+
+async def test_starttls_is_used_when_the_destination_offers_it(
+        delivery: PassThroughDelivery, world: dict[str, Any]) -> None:
+    assert (await delivery.deliver(message("x@tls.test"))).code == 250
+    assert world["tls"].encrypted[-1] is True
+
+
+async def test_destination_without_starttls_gets_the_message_in_plain_text(
+        delivery: PassThroughDelivery, world: dict[str, Any]) -> None:
+    assert (await delivery.deliver(message("x@ok.test"))).code == 250
+    assert world["sink"].encrypted == [False]

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from ..smtpd import replies
 from ..smtpd.replies import Reply
@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 # sender (it may yet be delivered), always spooled.
 TIMED_OUT = Reply(451, "4.4.7", "destination did not answer in time")
 SPOOL_FAILED = Reply(451, "4.3.0", "Error: queue file write error")
+
+# Called with the recipients one domain accepted, as soon as it accepted them.
+OnDelivered = Callable[[list[str]], Awaitable[object]]
 
 
 def group_by_domain(recipients: Sequence[str]) -> dict[str, list[str]]:
@@ -77,11 +80,12 @@ class PassThroughDelivery:
 
     # ------------------------------------------------------------ attempts
 
-    async def attempt(self, message: Message, recipients: Sequence[str],
-                      timeout: float | None) -> dict[str, Reply]:
+    async def attempt(self, message: Message, recipients: Sequence[str], timeout: float | None,
+                      on_delivered: OnDelivered | None = None) -> dict[str, Reply]:
         """Offer the message to every destination domain at once; a Reply per recipient."""
         groups = group_by_domain(recipients)
-        tasks = {domain: asyncio.create_task(self._attempt_domain(domain, message, rcpts))
+        tasks = {domain: asyncio.create_task(self._attempt_domain(domain, message, rcpts,
+                                                                  on_delivered))
                  for domain, rcpts in groups.items()}
         done, pending = await asyncio.wait(tasks.values(), timeout=timeout)
         for task in pending:
@@ -97,13 +101,17 @@ class PassThroughDelivery:
                 outcomes.update({rcpt: TIMED_OUT for rcpt in groups[domain]})
         return outcomes
 
-    async def _attempt_domain(self, domain: str, message: Message,
-                              recipients: list[str]) -> dict[str, Reply]:
+    async def _attempt_domain(self, domain: str, message: Message, recipients: list[str],
+                              on_delivered: OnDelivered | None) -> dict[str, Reply]:
         try:
             hops = await self.router.next_hops(domain)
         except RoutingError as e:
             return {rcpt: e.reply for rcpt in recipients}
-        return await send_to_domain(hops, message, recipients, self.client)
+        outcomes = await send_to_domain(hops, message, recipients, self.client)
+        accepted = [rcpt for rcpt, reply in outcomes.items() if reply.is_success]
+        if accepted and on_delivered is not None:
+            await on_delivered(accepted)
+        return outcomes
 
     # ------------------------------------------------------------ the contract
 
@@ -136,8 +144,18 @@ class PassThroughDelivery:
     # ------------------------------------------------------------ the retry scheduler's hooks
 
     async def attempt_spooled(self, spooled: SpooledMessage) -> AttemptResult:
-        """One more attempt for a spooled message's pending destinations."""
-        outcomes = await self.attempt(spooled.message(), spooled.pending, timeout=None)
+        """One more attempt for a spooled message's pending destinations.
+
+        Each domain's acceptance is written to the spool the moment it arrives,
+        not after the slowest domain: a crash while another domain is still in
+        flight must not make a restart send the message again where it was
+        already delivered.
+        """
+        def record(accepted: list[str]) -> Awaitable[object]:
+            return asyncio.to_thread(self.spool.mark_delivered, spooled.queue_id, accepted)
+
+        outcomes = await self.attempt(spooled.message(), spooled.pending, timeout=None,
+                                      on_delivered=record)
         return AttemptResult(
             delivered={r for r, reply in outcomes.items() if reply.is_success},
             deferred={r: str(reply) for r, reply in outcomes.items() if reply.is_temporary},

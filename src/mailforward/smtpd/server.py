@@ -78,8 +78,8 @@ async def run(settings: Settings) -> None:
     srs = rewriter_from_settings(settings.srs)
     if srs is None:
         log.warning("SRS is off ([srs] domain unset): forwarded mail will fail SPF at its destination")
+    delivery, scheduler = build_delivery(settings)  # before the table: nothing to close if it fails
     table = await open_table(settings.database)
-    delivery, scheduler = build_delivery(settings)
     retries = asyncio.create_task(scheduler.run_forever(RETRY_INTERVAL))
     server = MailServer(settings, table, delivery, srs)
     try:
