@@ -29,6 +29,8 @@ url = "sqlite:///$work/mailforward.db"
 [delivery]
 relay_host = "[127.0.0.1]:$SINK_PORT"
 spool_directory = "$work/spool"
+[auth]
+verify = false
 [srs]
 domain = "example.org"
 secret_file = "$work/srs.secret"

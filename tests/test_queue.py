@@ -105,7 +105,8 @@ def test_acknowledged_mail_survives_a_crash_and_is_delivered_after_restart(
     config.write_text(f'[server]\nhostname = "{HOSTNAME}"\nlisten = ["127.0.0.1:{port}"]\n'
                       f'[database]\nurl = "{seeded_database.url}"\n'
                       f'[delivery]\nrelay_host = "[127.0.0.1]:{controller.port}"\n'
-                      f'spool_directory = "{tmp_path / "spool"}"\n')
+                      f'spool_directory = "{tmp_path / "spool"}"\n'
+                      '[auth]\nverify = false\n')
     proc = _start_serve(config, port, tmp_path / "serve.log")
     try:
         with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test") as s:

@@ -43,6 +43,9 @@ url = "{database_url}"
 relay_host = "[127.0.0.1]:{sink_port}"
 spool_directory = "{path.parent / 'spool'}"
 
+[auth]
+verify = false  # no DNS here; tests/test_auth_e2e.py covers verification
+
 [srs]
 domain = "example.org"
 secret_file = "{path.parent / 'srs.secret'}"

@@ -254,6 +254,11 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     arc: ArcSettings = field(default_factory=ArcSettings)
 
+    def __post_init__(self) -> None:
+        if self.arc.domain and not self.auth.verify:
+            raise ConfigError("[arc] domain: ARC sealing needs [auth] verify = true "
+                              "(the seal records what we verified)")
+
 
 @dataclass(frozen=True)
 class DatabaseUrl:

@@ -28,3 +28,22 @@ class AddressError(MailforwardError):
 
 class AdminError(MailforwardError):
     """An admin operation was refused (duplicate, unknown domain, ...)."""
+
+
+class AuthenticationRefused(MailforwardError):
+    """A message failed an authentication policy we enforce (DMARC p=reject, SPF -all).
+
+    ``domain`` is the domain whose published policy refused it, for the reply.
+    """
+
+    def __init__(self, domain: str) -> None:
+        super().__init__(domain)
+        self.domain = domain
+
+
+class DmarcRejected(AuthenticationRefused):
+    """DMARC failed and the From domain publishes ``p=reject``: we do not forward spoofed mail."""
+
+
+class SpfRejected(AuthenticationRefused):
+    """SPF failed (``-all``) and ``[auth] reject_spf_fail`` is on."""

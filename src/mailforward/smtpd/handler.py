@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 
 from ..addresses import Address, normalize_domain, parse_mailbox, strip_source_route
 from ..aliases import NoDestination, expand_alias
+from ..auth.pipeline import MessageAuthenticator
 from ..config import ServerSettings
 from ..delivery.base import Delivery, Message, new_queue_id
-from ..errors import AddressError, TemporaryLookupError
+from ..errors import AddressError, AuthenticationRefused, TemporaryLookupError
 from ..srs import SrsError, SrsRewriter, is_srs_address
 from ..tables import LookupTable
 from . import policy, replies
@@ -37,11 +38,12 @@ IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 class SmtpHandler:
     def __init__(self, settings: ServerSettings, table: LookupTable, delivery: Delivery,
-                 srs: SrsRewriter | None = None) -> None:
+                 srs: SrsRewriter | None = None, auth: MessageAuthenticator | None = None) -> None:
         self.settings = settings
         self.table = table
         self.delivery = delivery
         self.srs = srs
+        self.auth = auth
         self.srs_domain = normalize_domain(srs.domain) if srs is not None else ""
         self.mynetworks: Sequence[IpNetwork] = [
             ipaddress.ip_network(n, strict=False) for n in settings.mynetworks]
@@ -201,13 +203,10 @@ class SmtpHandler:
         if count_received_headers(content) > self.settings.hopcount_limit:
             reply = replies.TOO_MANY_HOPS
         else:
-            received = self._received_header(session, server, queue_id)
-            message = Message(queue_id, self.envelope_sender(envelope.mail_from),
-                              tuple(envelope.destinations),
-                              received + content, session.client_ip, envelope.smtp_utf8,
-                              original_sender=envelope.mail_from)
             try:
-                reply = await self.delivery.deliver(message)
+                reply = await self._forward(server, session, envelope, queue_id, content)
+            except AuthenticationRefused as refusal:
+                reply = replies.reply_for_error(refusal)
             except Exception as error:
                 log.error("%s: delivery failed", queue_id, exc_info=error)
                 reply = replies.reply_for_error(error)
@@ -217,6 +216,21 @@ class SmtpHandler:
                  ",".join(f"<{d}>" for d in envelope.destinations), len(content),
                  f"{reply.code} {reply.status}")
         return reply
+
+    async def _forward(self, server: SmtpProtocol, session: ClientSession, envelope: Transaction,
+                       queue_id: str, content: bytes) -> Reply:
+        """Verify, add our trace, rewrite the envelope (SRS), sign and seal, then deliver."""
+        content = self._received_header(session, server, queue_id) + content
+        if self.auth is not None:
+            content = await self.auth.inbound(content, session.client_ip, session.host_name,
+                                              envelope.mail_from, trusted=session.in_mynetworks)
+        sender = self.envelope_sender(envelope.mail_from)
+        if self.auth is not None:
+            content = await self.auth.outbound(content, session.client_ip)
+        message = Message(queue_id, sender, tuple(envelope.destinations), content,
+                          session.client_ip, envelope.smtp_utf8,
+                          original_sender=envelope.mail_from)
+        return await self.delivery.deliver(message)
 
     def _received_header(self, session: ClientSession, server: SmtpProtocol, queue_id: str) -> bytes:
         protocol = "ESMTP" if session.extended_smtp else "SMTP"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import TemporaryLookupError
+from ..errors import DmarcRejected, SpfRejected, TemporaryLookupError
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,15 @@ def timeout_exceeded(hostname: str) -> Reply:
     return Reply(421, "4.4.2", f"{hostname} Error: timeout exceeded")
 
 
+# --- authentication policy (OpenDMARC's and policyd-spf's wording)
+def dmarc_rejected(domain: str) -> Reply:
+    return Reply(550, "5.7.1", f"rejected by DMARC policy for {domain}")
+
+
+def spf_rejected(domain: str) -> Reply:
+    return Reply(550, "5.7.23", f"Message rejected due to: SPF fail - not authorized by {domain}")
+
+
 # --- failures of our own
 INTERNAL_ERROR = Reply(451, "4.3.0", "Error: internal error, try again later")
 
@@ -116,4 +125,8 @@ def reply_for_error(error: BaseException) -> Reply:
     """
     if isinstance(error, TemporaryLookupError):
         return TEMPORARY_LOOKUP_FAILURE
+    if isinstance(error, DmarcRejected):
+        return dmarc_rejected(error.domain)
+    if isinstance(error, SpfRejected):
+        return spf_rejected(error.domain)
     return INTERNAL_ERROR

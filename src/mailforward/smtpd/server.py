@@ -7,6 +7,7 @@ import logging
 import signal
 import ssl
 
+from ..auth.pipeline import MessageAuthenticator, authenticator_from_settings
 from ..config import Settings
 from ..delivery import build_delivery
 from ..delivery.base import Delivery
@@ -32,9 +33,9 @@ class MailServer:
     """The inbound side: listeners sharing one handler (so client limits are global)."""
 
     def __init__(self, settings: Settings, table: LookupTable, delivery: Delivery,
-                 srs: SrsRewriter | None = None) -> None:
+                 srs: SrsRewriter | None = None, auth: MessageAuthenticator | None = None) -> None:
         self.settings = settings
-        self.handler = SmtpHandler(settings.server, table, delivery, srs)
+        self.handler = SmtpHandler(settings.server, table, delivery, srs, auth)
         self.tls = tls_context(settings.server.tls_cert, settings.server.tls_key)
         self._servers: list[asyncio.Server] = []
 
@@ -78,10 +79,11 @@ async def run(settings: Settings) -> None:
     srs = rewriter_from_settings(settings.srs)
     if srs is None:
         log.warning("SRS is off ([srs] domain unset): forwarded mail will fail SPF at its destination")
+    auth = authenticator_from_settings(settings)  # keys and tables are checked before we listen
     delivery, scheduler = build_delivery(settings)  # before the table: nothing to close if it fails
     table = await open_table(settings.database)
     retries = asyncio.create_task(scheduler.run_forever(RETRY_INTERVAL))
-    server = MailServer(settings, table, delivery, srs)
+    server = MailServer(settings, table, delivery, srs, auth)
     try:
         for host, port in await server.start():
             log.info("listening on %s:%d as %s", host, port, settings.server.hostname)

@@ -1,0 +1,67 @@
+"""ARC sealing (RFC 8617) of forwarded mail, with dkimpy.
+
+A forwarder breaks SPF (new envelope) and sometimes DKIM (changed headers);
+ARC lets the next receiver see what *we* verified before we touched the
+message.  dkimpy's ``arc_sign`` does the work: it copies our
+``Authentication-Results`` (matched by authserv-id) into
+ARC-Authentication-Results, takes the chain validation state from its
+``arc=`` result, and adds ARC-Message-Signature and ARC-Seal with the next
+instance number.  An intact incoming chain is continued (``cv=pass``), a
+broken one sealed with ``cv=fail``, none started (``cv=none``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import dkim  # type: ignore[import-untyped]
+
+from ..config import ArcSettings
+from ..errors import ConfigError
+from .dkim import DkimConfig, DkimKey, load_key
+
+log = logging.getLogger("mailforward.arc")
+
+class ArcSealer:
+    """Seals messages under one key; a failure never stops delivery (counted, logged)."""
+
+    def __init__(self, key: DkimKey, authserv_id: str) -> None:
+        self.key = key
+        self.authserv_id = authserv_id
+        self.sealing_failures = 0
+
+    def seal(self, message: bytes) -> bytes:
+        """The ARC set to prepend to ``message``; b"" if it cannot be sealed."""
+        try:
+            headers = dkim.arc_sign(message, self.key.selector.encode(), self.key.domain.encode(),
+                                    self.key.private_pem, self.authserv_id.encode())
+        except Exception as e:  # dkimpy raises many types; none may stop delivery
+            self.sealing_failures += 1
+            log.error("ARC sealing with %s failed (%s); sending without a seal",
+                      self.key.name, type(e).__name__)
+            return b""
+        if not headers:
+            self.sealing_failures += 1
+            log.error("ARC sealing skipped: no Authentication-Results for %s", self.authserv_id)
+        return b"".join(_crlf(h) for h in headers)
+
+
+def _crlf(header: bytes) -> bytes:
+    return header.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n").rstrip(b"\r\n") + b"\r\n"
+
+
+def sealer_from_settings(arc: ArcSettings, dkim_config: DkimConfig | None,
+                         authserv_id: str) -> ArcSealer | None:
+    """The sealer for ``[arc]``, or None when ARC is off; ConfigError names what is missing."""
+    if not arc.domain:
+        return None
+    if arc.key_file:
+        key: DkimKey | None = load_key(arc.domain, arc.selector, arc.key_file)
+    else:
+        key = dkim_config.key_for(arc.domain, arc.selector) if dkim_config else None
+    if key is None:
+        raise ConfigError(f"[arc] no key for {arc.selector}._domainkey.{arc.domain}: add it to "
+                          "the [dkim] KeyTable or set [arc] key_file")
+    if key.algorithm != "rsa":
+        raise ConfigError(f"[arc] {key.path}: ARC needs an RSA key (RFC 8617 allows rsa-sha256 only)")
+    return ArcSealer(key, authserv_id)

@@ -1,0 +1,83 @@
+"""One message's authentication work, in the order the issue fixes.
+
+    verify -> Authentication-Results -> (SRS: the envelope, done by the caller)
+           -> DKIM sign -> ARC seal -> deliver
+
+Inbound (:meth:`MessageAuthenticator.inbound`) may refuse the message
+(DMARC ``p=reject``, optionally SPF ``-all``) by raising a type the reply
+table maps; outbound (:meth:`outbound`) never fails: a message that cannot
+be signed or sealed is delivered without, and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ..config import Settings
+from ..errors import DmarcRejected, SpfRejected
+from .arc import ArcSealer, sealer_from_settings
+from .dkim import DkimSigner, load_dkim
+from .verify import AuthVerdict, Verifier, strip_forged_results
+
+log = logging.getLogger("mailforward.auth")
+
+
+class MessageAuthenticator:
+    def __init__(self, verifier: Verifier | None, signer: DkimSigner | None,
+                 sealer: ArcSealer | None, *, authserv_id: str,
+                 reject_dmarc_reject: bool = True, reject_spf_fail: bool = False) -> None:
+        self.verifier = verifier
+        self.signer = signer
+        self.sealer = sealer
+        self.authserv_id = authserv_id
+        self.reject_dmarc_reject = reject_dmarc_reject
+        self.reject_spf_fail = reject_spf_fail
+
+    async def inbound(self, content: bytes, client_ip: str, helo: str, mail_from: str,
+                      trusted: bool = False) -> bytes:
+        """Strip forged results, verify, enforce policy, prepend our Authentication-Results.
+
+        ``trusted`` clients (mynetworks) are verified and labelled but never
+        refused by policy: they are our own submitters, like OpenDMARC's IgnoreHosts.
+        """
+        if self.verifier is None:
+            return content
+        content = strip_forged_results(content, self.authserv_id)
+        verdict = await self.verifier.verify(content, client_ip, helo, mail_from)
+        if not trusted:
+            self._enforce(verdict)
+        return verdict.header + content
+
+    def _enforce(self, verdict: AuthVerdict) -> None:
+        if self.reject_dmarc_reject and verdict.dmarc_rejects:
+            raise DmarcRejected(verdict.from_domain)
+        if self.reject_spf_fail and verdict.spf_fails:
+            raise SpfRejected(verdict.spf.domain)
+
+    async def outbound(self, content: bytes, client_ip: str) -> bytes:
+        """DKIM signatures, then the ARC seal over the signed message (RSA work: off the loop)."""
+        if self.signer is None and self.sealer is None:
+            return content
+        return await asyncio.to_thread(self._sign_and_seal, content, client_ip)
+
+    def _sign_and_seal(self, content: bytes, client_ip: str) -> bytes:
+        if self.signer is not None:
+            content = self.signer.signature_headers(content, client_ip) + content
+        if self.sealer is not None:
+            content = self.sealer.seal(content) + content
+        return content
+
+
+def authenticator_from_settings(settings: Settings) -> MessageAuthenticator:
+    """Load keys and tables once, at start-up; a ConfigError names the bad file or key."""
+    auth = settings.auth
+    authserv_id = auth.authserv_id or settings.server.hostname
+    verifier = (Verifier(authserv_id, settings.delivery.nameservers, auth.dns_timeout)
+                if auth.verify else None)
+    dkim_config = load_dkim(settings.dkim)
+    signer = DkimSigner(dkim_config) if dkim_config is not None else None
+    sealer = sealer_from_settings(settings.arc, dkim_config, authserv_id)
+    return MessageAuthenticator(verifier, signer, sealer, authserv_id=authserv_id,
+                                reject_dmarc_reject=auth.reject_dmarc_reject,
+                                reject_spf_fail=auth.reject_spf_fail)

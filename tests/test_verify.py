@@ -1,0 +1,447 @@
+"""Inbound verdicts (SPF, DKIM, DMARC, ARC) against a real DNS server on loopback.
+
+Never the machine's resolver: every check names the loopback server.  Messages
+are signed and sealed here with dkimpy and keys made with cryptography; the
+public halves are published in the zone.  No mail is sent anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterator
+
+import authres  # type: ignore[import-untyped]
+import dkim  # type: ignore[import-untyped]
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from dns_server import LoopbackDNSServer, SilentNameserver, ZoneResolver
+from mailforward.auth.verify import (
+    AuthVerdict,
+    DkimVerdict,
+    SpfVerdict,
+    Verifier,
+    aligned,
+    authserv_id_of,
+    check_spf,
+    org_domain,
+    strip_forged_results,
+)
+
+AUTHSERV_ID = "mx.forward.test"
+CLIENT = "192.0.2.10"  # authorised by example.test's SPF record
+STRANGER = "192.0.2.66"  # authorised by nobody
+TIMEOUT = 2.0
+
+
+def _key_pair() -> tuple[bytes, str]:
+    """(PEM private key for dkimpy, the zone's quoted p= strings)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption())
+    public = base64.b64encode(key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).decode()
+    record = f"v=DKIM1; k=rsa; p={public}"
+    return private, " ".join(f'"{record[i:i + 200]}"' for i in range(0, len(record), 200))
+
+
+DKIM_KEY, DKIM_TXT = _key_pair()
+ARC_KEY, ARC_TXT = _key_pair()
+
+TOO_MANY = " ".join(f"a:h{n}.toomany.test" for n in range(1, 12))
+
+ZONE = f"""
+example.test.               300 IN TXT "v=spf1 ip4:{CLIENT} -all"
+_dmarc.example.test.        300 IN TXT "v=DMARC1; p=reject; sp=quarantine"
+sel._domainkey.example.test. 300 IN TXT {DKIM_TXT}
+mail.example.test.          300 IN TXT "v=spf1 ip4:{CLIENT} -all"
+soft.test.                  300 IN TXT "v=spf1 ip4:{CLIENT} ~all"
+nospf.test.                 300 IN A 192.0.2.99
+toomany.test.               300 IN TXT "v=spf1 {TOO_MANY} -all"
+mx.helo.test.               300 IN TXT "v=spf1 ip4:{CLIENT} -all"
+monitor.test.               300 IN TXT "v=spf1 -all"
+_dmarc.monitor.test.        300 IN TXT "v=DMARC1; p=none"
+strict.test.                300 IN TXT "v=spf1 ip4:{CLIENT} -all"
+_dmarc.strict.test.         300 IN TXT "v=DMARC1; p=reject; aspf=s"
+mail.strict.test.           300 IN TXT "v=spf1 ip4:{CLIENT} -all"
+nodmarc.test.               300 IN TXT "v=spf1 ip4:{CLIENT} -all"
+arc._domainkey.sealer.test. 300 IN TXT {ARC_TXT}
+""" + "".join(f"h{n}.toomany.test. 300 IN A 192.0.2.{200 + n}\n" for n in range(1, 12))
+
+SERVFAIL = ["servfail.test", "slowkey._domainkey.example.test", "_dmarc.flaky.test"]
+
+
+@pytest.fixture(scope="module")
+def nameserver() -> Iterator[str]:
+    with LoopbackDNSServer(ZoneResolver(ZONE, servfail=SERVFAIL)) as server:
+        yield server.nameserver
+
+
+@pytest.fixture
+def verifier(nameserver: str) -> Verifier:
+    return Verifier(AUTHSERV_ID, [nameserver], TIMEOUT)
+
+
+def message(from_header: str = "Alice <alice@example.test>", body: str = "Hello.\r\n",
+            extra: str = "") -> bytes:
+    return (f"{extra}From: {from_header}\r\nTo: bob@forward.test\r\nSubject: hi\r\n"
+            f"Date: Mon, 01 Jan 2024 00:00:00 +0000\r\nMessage-ID: <1@example.test>\r\n"
+            f"\r\n{body}").encode()
+
+
+def signed(raw: bytes, domain: bytes = b"example.test", selector: bytes = b"sel") -> bytes:
+    signature: bytes = dkim.sign(raw, selector, domain, DKIM_KEY)
+    return signature + raw
+
+
+def sealed(raw: bytes) -> bytes:
+    """The message as sealer.test would pass it on: its AR, then an ARC set (i=1)."""
+    raw = b"Authentication-Results: sealer.test; dkim=pass header.d=example.test\r\n" + raw
+    return b"".join(dkim.arc_sign(raw, b"arc", b"sealer.test", ARC_KEY, b"sealer.test")) + raw
+
+
+def spf(nameserver: str, mail_from: str, ip: str = CLIENT, helo: str = "mx.helo.test",
+        timeout: float = TIMEOUT) -> SpfVerdict:
+    return check_spf(ip, mail_from, helo, [nameserver], timeout)
+
+
+# --- SPF ---------------------------------------------------------------------
+
+def test_spf_pass_for_authorised_client(nameserver: str) -> None:
+    assert spf(nameserver, "bounce@example.test") == SpfVerdict(
+        "pass", "sender SPF authorized", "mailfrom", "example.test")
+
+
+def test_spf_fail_for_dash_all(nameserver: str) -> None:
+    assert spf(nameserver, "bounce@example.test", ip=STRANGER).result == "fail"
+
+
+def test_spf_softfail_for_tilde_all(nameserver: str) -> None:
+    assert spf(nameserver, "bounce@soft.test", ip=STRANGER).result == "softfail"
+
+
+def test_spf_none_without_record(nameserver: str) -> None:
+    assert spf(nameserver, "bounce@nospf.test").result == "none"
+
+
+def test_spf_none_for_nonexistent_domain(nameserver: str) -> None:
+    assert spf(nameserver, "bounce@nowhere.test").result == "none"
+
+
+def test_spf_temperror_on_servfail(nameserver: str) -> None:
+    assert spf(nameserver, "bounce@servfail.test").result == "temperror"
+
+
+def test_spf_temperror_on_silent_nameserver() -> None:
+    with SilentNameserver() as silent:
+        started = time.monotonic()
+        verdict = spf(silent.nameserver, "bounce@example.test", timeout=0.5)
+    assert verdict.result == "temperror"
+    assert time.monotonic() - started < 3
+
+
+def test_spf_permerror_explains_too_many_lookups(nameserver: str) -> None:
+    verdict = spf(nameserver, "bounce@toomany.test", ip=STRANGER)
+    assert verdict.result == "permerror"
+    assert "Too many DNS lookups" in verdict.explanation
+
+
+def test_spf_null_sender_checks_helo(nameserver: str) -> None:
+    assert spf(nameserver, "") == SpfVerdict("pass", "sender SPF authorized", "helo",
+                                             "mx.helo.test")
+
+
+def test_spf_null_sender_written_as_brackets_checks_helo(nameserver: str) -> None:
+    assert spf(nameserver, "<>").identity == "helo"
+
+
+def test_spf_none_for_address_literal_helo_without_asking(nameserver: str) -> None:
+    assert spf(nameserver, "", helo="[192.0.2.10]").result == "none"
+
+
+def test_spf_without_resolver_never_uses_system_resolver() -> None:
+    """pyspf's global lookup is ours: called outside check_spf it refuses."""
+    import spf as pyspf  # type: ignore[import-untyped]
+    with pytest.raises(pyspf.TempError):
+        pyspf.DNSLookup("example.test", "TXT", True, 1)
+
+
+def test_spf_checks_with_different_nameservers_do_not_mix(nameserver: str) -> None:
+    """Each check uses its own resolver even when run side by side in threads."""
+    from concurrent.futures import ThreadPoolExecutor
+    with SilentNameserver() as silent, ThreadPoolExecutor(4) as pool:
+        slow = pool.submit(spf, silent.nameserver, "bounce@example.test", timeout=1.0)
+        fast = [pool.submit(spf, nameserver, "bounce@example.test") for _ in range(3)]
+        assert [f.result().result for f in fast] == ["pass"] * 3
+        assert slow.result().result == "temperror"
+
+
+# --- DKIM --------------------------------------------------------------------
+
+async def test_dkim_pass_for_valid_signature(verifier: Verifier) -> None:
+    verdict = await verifier.verify(signed(message()), CLIENT, "mx.helo.test", "a@example.test")
+    assert verdict.dkim == (DkimVerdict("pass", "example.test", "sel"),)
+
+
+async def test_dkim_fail_for_tampered_body(verifier: Verifier) -> None:
+    tampered = signed(message()).replace(b"Hello.", b"Hullo.")
+    verdict = await verifier.verify(tampered, CLIENT, "mx.helo.test", "a@example.test")
+    assert verdict.dkim == (DkimVerdict("fail", "example.test", "sel"),)
+
+
+async def test_dkim_permerror_without_key(verifier: Verifier) -> None:
+    raw = signed(message(), selector=b"gone")
+    verdict = await verifier.verify(raw, CLIENT, "mx.helo.test", "a@example.test")
+    assert verdict.dkim == (DkimVerdict("permerror", "example.test", "gone"),)
+
+
+async def test_dkim_temperror_when_key_lookup_servfails(verifier: Verifier) -> None:
+    raw = signed(message(), selector=b"slowkey")
+    verdict = await verifier.verify(raw, CLIENT, "mx.helo.test", "a@example.test")
+    assert verdict.dkim == (DkimVerdict("temperror", "example.test", "slowkey"),)
+
+
+async def test_dkim_temperror_when_key_lookup_times_out() -> None:
+    with SilentNameserver() as silent:
+        verifier = Verifier(AUTHSERV_ID, [silent.nameserver], 0.5)
+        started = time.monotonic()
+        verdict = await verifier.verify(signed(message()), CLIENT, "mx.helo.test",
+                                        "a@example.test")
+    assert verdict.dkim == (DkimVerdict("temperror", "example.test", "sel"),)
+    assert (verdict.spf.result, verdict.dmarc) == ("temperror", "temperror")
+    assert time.monotonic() - started < 5
+
+
+async def test_dkim_none_for_unsigned_message(verifier: Verifier) -> None:
+    verdict = await verifier.verify(message(), CLIENT, "mx.helo.test", "a@example.test")
+    assert verdict.dkim == ()
+    assert b"dkim=none" in verdict.header
+
+
+# --- DMARC -------------------------------------------------------------------
+
+async def test_dmarc_pass_with_aligned_dkim(verifier: Verifier) -> None:
+    verdict = await verifier.verify(signed(message()), STRANGER, "mx.helo.test",
+                                    "bounce@other.test")
+    assert (verdict.dmarc, verdict.dmarc_policy, verdict.from_domain) == (
+        "pass", "reject", "example.test")
+    assert not verdict.dmarc_rejects
+
+
+async def test_dmarc_pass_with_relaxed_aligned_spf(verifier: Verifier) -> None:
+    verdict = await verifier.verify(message(), CLIENT, "mx.helo.test",
+                                    "bounce@mail.example.test")
+    assert (verdict.spf.result, verdict.dmarc) == ("pass", "pass")
+
+
+async def test_dmarc_fail_when_spf_domain_not_strictly_aligned(verifier: Verifier) -> None:
+    verdict = await verifier.verify(message("a@strict.test"), CLIENT, "mx.helo.test",
+                                    "bounce@mail.strict.test")
+    assert (verdict.spf.result, verdict.dmarc) == ("pass", "fail")
+
+
+async def test_dmarc_fail_with_p_none_does_not_reject(verifier: Verifier) -> None:
+    verdict = await verifier.verify(message("a@monitor.test"), CLIENT, "mx.helo.test",
+                                    "bounce@example.test")
+    assert (verdict.dmarc, verdict.dmarc_policy) == ("fail", "none")
+    assert not verdict.dmarc_rejects
+
+
+async def test_dmarc_fail_with_p_reject_rejects(verifier: Verifier) -> None:
+    verdict = await verifier.verify(message(), STRANGER, "mx.helo.test", "bounce@other.test")
+    assert (verdict.dmarc, verdict.dmarc_policy) == ("fail", "reject")
+    assert verdict.dmarc_rejects
+
+
+async def test_dmarc_fail_with_unaligned_dkim_pass(verifier: Verifier) -> None:
+    raw = signed(message("a@monitor.test"))  # d=example.test, From monitor.test
+    verdict = await verifier.verify(raw, STRANGER, "mx.helo.test", "bounce@other.test")
+    assert verdict.dkim[0].result == "pass"
+    assert verdict.dmarc == "fail"
+
+
+async def test_dmarc_subdomain_takes_sp_policy(verifier: Verifier) -> None:
+    verdict = await verifier.verify(message("a@news.example.test"), STRANGER, "mx.helo.test",
+                                    "bounce@other.test")
+    assert (verdict.dmarc, verdict.dmarc_policy, verdict.from_domain) == (
+        "fail", "quarantine", "news.example.test")
+    assert not verdict.dmarc_rejects
+
+
+async def test_dmarc_subdomain_passes_with_org_domain_signature(verifier: Verifier) -> None:
+    verdict = await verifier.verify(signed(message("a@news.example.test")), STRANGER,
+                                    "mx.helo.test", "bounce@other.test")
+    assert verdict.dmarc == "pass"
+
+
+async def test_dmarc_none_without_record(verifier: Verifier) -> None:
+    verdict = await verifier.verify(message("a@nodmarc.test"), STRANGER, "mx.helo.test",
+                                    "bounce@nodmarc.test")
+    assert (verdict.dmarc, verdict.dmarc_policy) == ("none", "")
+
+
+async def test_dmarc_temperror_when_record_lookup_servfails(verifier: Verifier) -> None:
+    verdict = await verifier.verify(message("a@flaky.test"), STRANGER, "mx.helo.test",
+                                    "bounce@flaky.test")
+    assert verdict.dmarc == "temperror"
+    assert not verdict.dmarc_rejects
+
+
+async def test_dmarc_none_without_from(verifier: Verifier) -> None:
+    raw = b"To: bob@forward.test\r\nSubject: hi\r\n\r\nHello.\r\n"
+    verdict = await verifier.verify(raw, CLIENT, "mx.helo.test", "bounce@example.test")
+    assert (verdict.dmarc, verdict.from_domain) == ("none", "")
+
+
+async def test_dmarc_permerror_with_two_from_fields(verifier: Verifier) -> None:
+    raw = message(extra="From: mallory@evil.test\r\n")
+    verdict = await verifier.verify(raw, CLIENT, "mx.helo.test", "bounce@example.test")
+    assert verdict.dmarc == "permerror"
+
+
+async def test_dmarc_finds_idn_from_domain_in_ascii_form(verifier: Verifier) -> None:
+    raw = "From: a@bücher.test\r\n\r\nHello.\r\n".encode()
+    verdict = await verifier.verify(raw, CLIENT, "mx.helo.test", "bounce@example.test")
+    assert (verdict.dmarc, verdict.from_domain) == ("none", "xn--bcher-kva.test")
+    assert verdict.header.isascii()
+
+
+async def test_dmarc_permerror_with_from_naming_two_domains(verifier: Verifier) -> None:
+    raw = message("a@example.test, b@other.test")
+    verdict = await verifier.verify(raw, CLIENT, "mx.helo.test", "bounce@example.test")
+    assert verdict.dmarc == "permerror"
+
+
+def test_org_domain_uses_public_suffix_list() -> None:
+    assert org_domain("a.b.example.co.uk") == "example.co.uk"
+
+
+def test_org_domain_of_unlisted_tld_is_last_two_labels() -> None:
+    assert org_domain("news.example.test") == "example.test"
+
+
+def test_relaxed_alignment_compares_org_domains() -> None:
+    assert aligned("mail.example.co.uk", "example.co.uk", "r")
+    assert not aligned("other.co.uk", "example.co.uk", "r")
+
+
+def test_strict_alignment_needs_same_domain() -> None:
+    assert not aligned("mail.example.test", "example.test", "s")
+    assert aligned("EXAMPLE.test.", "example.test", "s")
+
+
+# --- ARC ---------------------------------------------------------------------
+
+async def test_arc_none_for_plain_message(verifier: Verifier) -> None:
+    verdict = await verifier.verify(message(), CLIENT, "mx.helo.test", "a@example.test")
+    assert verdict.arc == "none"
+
+
+async def test_arc_pass_for_sealed_message(verifier: Verifier) -> None:
+    verdict = await verifier.verify(sealed(message()), CLIENT, "mx.helo.test", "a@example.test")
+    assert verdict.arc == "pass"
+    assert b"arc=pass" in verdict.header
+
+
+async def test_arc_fail_for_message_changed_after_sealing(verifier: Verifier) -> None:
+    tampered = sealed(message()).replace(b"Hello.", b"Hullo.")
+    verdict = await verifier.verify(tampered, CLIENT, "mx.helo.test", "a@example.test")
+    assert verdict.arc == "fail"
+
+
+async def test_arc_sealer_reads_chain_state_from_our_header(verifier: Verifier) -> None:
+    """Our header is what dkimpy's arc_sign consumes: it must find arc= under our id."""
+    incoming = sealed(message())
+    verdict = await verifier.verify(incoming, CLIENT, "mx.helo.test", "a@example.test")
+    ours = verdict.header + incoming
+    seal = b"".join(dkim.arc_sign(ours, b"arc", b"sealer.test", ARC_KEY,
+                                  AUTHSERV_ID.encode()))
+    assert b"i=2" in seal and b"cv=pass" in seal
+
+
+# --- The header --------------------------------------------------------------
+
+async def test_header_names_our_id_and_every_method(verifier: Verifier) -> None:
+    verdict = await verifier.verify(signed(message()), CLIENT, "mx.helo.test",
+                                    "bounce@example.test")
+    assert verdict.header == (
+        b"Authentication-Results: mx.forward.test;\r\n"
+        b"\tspf=pass smtp.mailfrom=bounce@example.test;\r\n"
+        b"\tdkim=pass header.d=example.test header.s=sel;\r\n"
+        b"\tdmarc=pass (p=reject) header.from=example.test;\r\n"
+        b"\tarc=none\r\n")
+
+
+async def test_header_names_helo_for_null_sender(verifier: Verifier) -> None:
+    verdict = await verifier.verify(message(), CLIENT, "mx.helo.test", "")
+    assert b"spf=pass smtp.helo=mx.helo.test;" in verdict.header
+
+
+async def test_header_quotes_values_that_are_not_tokens(verifier: Verifier) -> None:
+    verdict = await verifier.verify(message(), CLIENT, "[192.0.2.10]", "")
+    assert b'smtp.helo="[192.0.2.10]"' in verdict.header
+
+
+async def test_header_parses_with_authres(verifier: Verifier) -> None:
+    verdict = await verifier.verify(signed(message()), CLIENT, "mx.helo.test",
+                                    "bounce@example.test")
+    parsed = authres.AuthenticationResultsHeader.parse(verdict.header.decode())
+    assert parsed.authserv_id == AUTHSERV_ID
+    assert [(r.method, r.result) for r in parsed.results] == [
+        ("spf", "pass"), ("dkim", "pass"), ("dmarc", "pass"), ("arc", "none")]
+
+
+async def test_verify_survives_garbage_message(verifier: Verifier) -> None:
+    verdict = await verifier.verify(b"\x00\xff no header at all", CLIENT, "mx.helo.test",
+                                    "bounce@example.test")
+    assert isinstance(verdict, AuthVerdict)
+    assert verdict.dkim == ()
+
+
+# --- Forged results -----------------------------------------------------------
+
+FORGED = (b"Received: from somewhere\r\n"
+          b"authentication-results: MX.Forward.TEST;\r\n"
+          b"\tspf=pass smtp.mailfrom=ceo@example.test;\r\n"
+          b"\tdmarc=pass header.from=example.test\r\n"
+          b"Authentication-Results: other.test; spf=fail smtp.mailfrom=x@example.test\r\n"
+          b"AUTHENTICATION-RESULTS: (comment (nested)) \"mx.forward.test\" 1; none\r\n"
+          b"Subject: hi\r\n"
+          b"\r\n"
+          b"Authentication-Results: mx.forward.test; body text, not a header\r\n")
+
+
+def test_strip_removes_our_folded_forged_results_any_case() -> None:
+    assert strip_forged_results(FORGED, AUTHSERV_ID) == (
+        b"Received: from somewhere\r\n"
+        b"Authentication-Results: other.test; spf=fail smtp.mailfrom=x@example.test\r\n"
+        b"Subject: hi\r\n"
+        b"\r\n"
+        b"Authentication-Results: mx.forward.test; body text, not a header\r\n")
+
+
+def test_strip_leaves_message_without_ours_unchanged() -> None:
+    raw = message(extra="Authentication-Results: mx.forward.test.evil; none\r\n",
+                  body="line\n\r\nbare\rcr\r\n")
+    assert strip_forged_results(raw, AUTHSERV_ID) == raw
+
+
+def test_strip_handles_bare_lf_messages() -> None:
+    raw = b"Authentication-Results: mx.forward.test;\n spf=pass\nSubject: x\n\nbody\n"
+    assert strip_forged_results(raw, AUTHSERV_ID) == b"Subject: x\n\nbody\n"
+
+
+def test_strip_does_not_split_lines_at_lone_cr() -> None:
+    raw = b"X-Note: a\rAuthentication-Results: mx.forward.test; none\r\n\r\nbody"
+    assert strip_forged_results(raw, AUTHSERV_ID) == raw
+
+
+def test_authserv_id_skips_comments_and_ignores_version() -> None:
+    assert authserv_id_of(b" (hi \\) there) mx.forward.test 1; none") == "mx.forward.test"
+
+
+def test_authserv_id_of_unclosed_comment_is_none() -> None:
+    assert authserv_id_of(b" (mx.forward.test; none") is None
