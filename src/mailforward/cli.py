@@ -102,7 +102,7 @@ def serve(ctx: click.Context) -> None:
                         format="%(asctime)s %(name)s[%(process)d]: %(message)s")
     try:
         asyncio.run(run(settings))
-    except SrsConfigError as e:
+    except (SrsConfigError, ConfigError) as e:
         raise UsageFailure(str(e)) from None
     except MailforwardError as e:
         raise click.ClickException(str(e)) from None
@@ -399,6 +399,108 @@ def srs_serve(ctx: click.Context) -> None:
         asyncio.run(run())
     except OSError as e:
         raise click.ClickException(f"cannot listen: {e}") from None
+
+
+# ---------------------------------------------------------------- dns and check
+
+
+@main.command("dns")
+@click.argument("domain_name", metavar="DOMAIN")
+@json_option
+@click.pass_context
+def dns_records(ctx: click.Context, domain_name: str, as_json: bool) -> None:
+    """Print the DNS records DOMAIN and this server must publish (zone-file lines)."""
+    from .dnstools import records_for, valid_domain
+
+    settings = settings_from(ctx)
+    try:
+        record_set = records_for(valid_domain(domain_name), settings)
+    except MailforwardError as e:
+        raise UsageFailure(str(e)) from None
+    if as_json:
+        print_json(record_set.as_json())
+    else:
+        click.echo(record_set.zone_text(), nl=False)
+
+
+@main.command("check")
+@click.argument("domain_name", metavar="[DOMAIN]", required=False)
+@click.option("--smtp", "smtp_target", metavar="HOST:PORT",
+              help="Probe a running server from outside instead of checking DNS.")
+@click.option("--to", "recipient", metavar="ADDRESS", help="With --smtp: an active alias to send to.")
+@click.option("--sink", "sink", metavar="HOST:PORT",
+              help="With --smtp: loopback address to receive the test message on.")
+@click.option("--from", "sender", metavar="ADDRESS", default=None,
+              help="With --smtp: outside sender of the test message.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="With --smtp: seconds per reply and for the test message to arrive.")
+@json_option
+@click.pass_context
+def check(ctx: click.Context, domain_name: str | None, smtp_target: str | None,
+          recipient: str | None, sink: str | None, sender: str | None, timeout: float,
+          as_json: bool) -> None:
+    """Prove the seed's Validation Checklist: exit 0 when every item passes, 1 when any fails.
+
+    With DOMAIN: MX, SPF (domain and SRS domain), DMARC, DKIM, database and
+    PTR, through [delivery] nameservers.  With --smtp HOST:PORT --to ADDRESS
+    --sink HOST:PORT: SRS rewrite, no local delivery, spoofing rejected, no
+    open relay, VRFY disabled, against the running server.
+    """
+    from .dnstools import all_ok
+
+    settings = settings_from(ctx)
+    if smtp_target is None:
+        if recipient or sink or sender:
+            raise UsageFailure("--to, --sink and --from need --smtp HOST:PORT")
+        if domain_name is None:
+            raise UsageFailure("give a DOMAIN to check, or --smtp HOST:PORT")
+        results = _dns_check_results(settings, domain_name)
+    else:
+        results = _smtp_check_results(settings, domain_name, smtp_target, recipient, sink,
+                                      sender, timeout)
+    ok = all_ok(results)
+    if as_json:
+        print_json({"ok": ok, "checks": [asdict(r) for r in results]})
+    else:
+        for result in results:
+            click.echo(result.line())
+        failed = sum(1 for r in results if not r.ok)
+        click.echo(f"all {len(results)} checks passed" if ok
+                   else f"{failed} of {len(results)} checks failed")
+    if not ok:
+        ctx.exit(1)
+
+
+def _dns_check_results(settings: Settings, domain_name: str) -> list[Any]:
+    from .dnstools import run_dns_checks, valid_domain
+
+    try:
+        return asyncio.run(run_dns_checks(valid_domain(domain_name), settings))
+    except MailforwardError as e:
+        raise UsageFailure(str(e)) from None
+
+
+def _smtp_check_results(settings: Settings, domain_name: str | None, target: str,
+                        recipient: str | None, sink: str | None, sender: str | None,
+                        timeout: float) -> list[Any]:
+    from .addresses import parse_address
+    from .config import parse_host_port
+    from .dnstools import valid_domain
+    from .smtpcheck import DEFAULT_SENDER, SmtpProbe, run_smtp_checks, sink_address
+
+    if not recipient:
+        raise UsageFailure("--smtp needs --to ADDRESS, an active alias of a hosted domain")
+    try:
+        host, port = parse_host_port(target, "--smtp")
+        to = parse_address(recipient)
+        domain = valid_domain(domain_name) if domain_name else to.domain
+        sink_at = sink_address(sink) if sink else None
+        from_ = parse_address(sender).external if sender else DEFAULT_SENDER
+    except MailforwardError as e:
+        raise UsageFailure(str(e)) from None
+    probe = SmtpProbe(host, port, to.external, domain, sink_at, settings.srs.domain, from_,
+                      timeout=timeout)
+    return run_smtp_checks(probe)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,520 @@
+"""``mailforward dns`` and ``mailforward check``: the seed's DNS section and checklist, automated.
+
+The seed lists the records to publish and a "Validation Checklist" as
+manual steps, and operators get them wrong.  This module turns both into
+code: :func:`records_for` says exactly what to publish (pure functions,
+rendered as zone lines or JSON), and :func:`run_dns_checks` proves each
+checklist item against live DNS, returning one :class:`CheckResult` per item
+with a reason a newcomer can act on.
+
+All DNS goes through ``[delivery] nameservers`` with ``[delivery]
+dns_timeout``, like delivery itself, so a split-horizon or test resolver
+sees the same answers the server does.  A DNS failure is a failed item
+("DNS lookup failed (temporary): ..."), never a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.rdata
+import dns.resolver
+import dns.reversename
+from dns.rdtypes.ANY.MX import MX
+from dns.rdtypes.ANY.PTR import PTR
+from dns.rdtypes.ANY.TXT import TXT
+
+from .addresses import normalize_domain
+from .admin import Admin
+from .auth.dkim import DkimKey, load_dkim
+from .auth.verify import check_spf as evaluate_spf
+from .config import ServerSettings, Settings
+from .delivery.routing import make_resolver
+from .errors import AddressError, MailforwardError
+from .tables import open_admin_database, open_table
+
+TTL = 3600
+TXT_CHUNK = 255  # RFC 1035: one character-string holds at most 255 octets
+NO_PUBLIC_IPS = "set [server] public_ips (this server's public addresses) to check this"
+SPF_TOO_MANY_LOOKUPS = "SPF needs more than 10 DNS lookups (RFC 7208 limit)"
+DMARC_POLICIES = ("none", "quarantine", "reject")
+_TAG = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One checklist item: ``item`` is a stable short label, ``reason`` says why in plain words."""
+
+    item: str
+    ok: bool
+    reason: str
+
+    def line(self) -> str:
+        return f"{'✓' if self.ok else '✗'} {self.item} — {self.reason}"
+
+
+def all_ok(results: Sequence[CheckResult]) -> bool:
+    return all(r.ok for r in results)
+
+
+# ---------------------------------------------------------------- records to publish
+
+
+@dataclass(frozen=True)
+class Record:
+    """One DNS record to publish; ``purpose`` becomes a zone-file comment."""
+
+    name: str  # absolute, with the trailing dot
+    rtype: str
+    value: str  # TXT values unquoted, other types in zone-file syntax
+    purpose: str
+    ttl: int = TTL
+
+    def zone_line(self) -> str:
+        return f"{self.name}\t{self.ttl}\tIN\t{self.rtype}\t{self.zone_value()}"
+
+    def zone_value(self) -> str:
+        """TXT values split into quoted 255-octet strings, as RFC 1035 needs for DKIM keys."""
+        if self.rtype != "TXT":
+            return self.value
+        chunks = [self.value[i:i + TXT_CHUNK] for i in range(0, len(self.value), TXT_CHUNK)]
+        return " ".join(f'"{chunk}"' for chunk in chunks or [""])
+
+    def as_json(self) -> dict[str, object]:
+        return {"name": self.name, "type": self.rtype, "ttl": self.ttl, "value": self.value,
+                "purpose": self.purpose}
+
+
+@dataclass(frozen=True)
+class RecordSet:
+    """What ``mailforward dns`` prints: records, plus notes for what cannot be a record."""
+
+    domain: str
+    records: tuple[Record, ...]
+    notes: tuple[str, ...]
+
+    def zone_text(self) -> str:
+        lines = [f"; DNS records for {self.domain}, forwarded by this mailforward server"]
+        lines += [f"; NOTE: {note}" for note in self.notes]
+        purpose = ""
+        for record in self.records:
+            if record.purpose != purpose:
+                purpose = record.purpose
+                lines.append(f"; {purpose}")
+            lines.append(record.zone_line())
+        return "\n".join(lines) + "\n"
+
+    def as_json(self) -> dict[str, object]:
+        return {"domain": self.domain, "records": [r.as_json() for r in self.records],
+                "notes": list(self.notes)}
+
+
+def absolute(name: str) -> str:
+    return name.rstrip(".") + "."
+
+
+def server_ips(server: ServerSettings) -> tuple[str, ...]:
+    """This host's addresses as the world sees them.
+
+    ``[server] public_ips`` when set; otherwise the specific listen
+    addresses, minus loopback, wildcard and link-local ones, which say
+    nothing about where the Internet reaches us.
+    """
+    if server.public_ips:
+        return tuple(str(ipaddress.ip_address(ip)) for ip in server.public_ips)
+    found: list[str] = []
+    for host, _ in server.listen_addresses():
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            continue
+        if not (ip.is_loopback or ip.is_unspecified or ip.is_link_local) and str(ip) not in found:
+            found.append(str(ip))
+    return tuple(found)
+
+
+def spf_value(ips: Sequence[str]) -> str:
+    """Explicit ip4:/ip6: terms when our addresses are known (no lookups), else the seed's ``mx``."""
+    if not ips:
+        return "v=spf1 mx -all"
+    terms = [f"ip{ipaddress.ip_address(ip).version}:{ip}" for ip in ips]
+    return "v=spf1 " + " ".join(terms) + " -all"
+
+
+def domain_records(domain: str, hostname: str, ips: Sequence[str]) -> list[Record]:
+    """The seed's three required records for a forwarded domain."""
+    name = absolute(domain)
+    return [
+        Record(name, "MX", f"10 {absolute(hostname)}", f"mail for {domain} arrives at this server"),
+        Record(name, "TXT", spf_value(ips), f"SPF: this server may send as {domain}"),
+        Record(f"_dmarc.{name}", "TXT", "v=DMARC1; p=none",
+               "DMARC: p=none as in the seed; tighten to quarantine/reject once reports look clean"),
+    ]
+
+
+def dkim_keys(domain: str, settings: Settings) -> list[DkimKey]:
+    """The keys mail from ``domain`` is signed with: its own selectors, plus the forwarding key."""
+    config = load_dkim(settings.dkim)
+    if config is None:
+        return []
+    keys = [k for k in config.keys.values() if normalize_domain(k.domain) == domain]
+    if config.sign_forwarded_as is not None and config.sign_forwarded_as not in keys:
+        keys.append(config.sign_forwarded_as)
+    return sorted(keys, key=lambda k: k.name)
+
+
+def dkim_records(keys: Sequence[DkimKey]) -> list[Record]:
+    """One TXT per selector, built from the private key itself, never copied by hand."""
+    return [Record(absolute(key.name), "TXT", key.public_record(),
+                   f"DKIM selector {key.selector} of {key.domain} (from its private key)")
+            for key in keys]
+
+
+def host_records(hostname: str, ips: Sequence[str]) -> list[Record]:
+    purpose = f"this server's own name ({hostname}); also ask your provider for PTR records"
+    return [Record(absolute(hostname), "A" if ipaddress.ip_address(ip).version == 4 else "AAAA",
+                   ip, purpose) for ip in ips]
+
+
+def ptr_records(hostname: str, ips: Sequence[str]) -> list[Record]:
+    """PTRs live in the provider's reverse zone; printed so the request can be copied."""
+    return [Record(dns.reversename.from_address(ip).to_text(), "PTR", absolute(hostname),
+                   "reverse DNS: set by whoever owns the IP block (your hosting provider)")
+            for ip in ips]
+
+
+def srs_records(srs_domain: str, hostname: str, ips: Sequence[str]) -> list[Record]:
+    """The SRS domain signs every forwarded envelope: it needs SPF, and MX so bounces come back."""
+    name = absolute(srs_domain)
+    purpose = f"SRS domain {srs_domain}: forwarded mail is sent as it, bounces return to it"
+    return [Record(name, "MX", f"10 {absolute(hostname)}", purpose),
+            Record(name, "TXT", spf_value(ips), purpose)]
+
+
+def records_for(domain: str, settings: Settings) -> RecordSet:
+    """Everything ``domain`` and this server must publish, without asking DNS anything."""
+    domain = normalize_domain(domain)
+    hostname = normalize_domain(settings.server.hostname)
+    ips = server_ips(settings.server)
+    records = domain_records(domain, hostname, ips) + dkim_records(dkim_keys(domain, settings))
+    srs_domain = normalize_domain(settings.srs.domain) if settings.srs.domain else ""
+    if srs_domain and srs_domain != domain:
+        records += srs_records(srs_domain, hostname, ips)
+    records += host_records(hostname, ips) + ptr_records(hostname, ips)
+    notes: list[str] = []
+    if not ips:
+        notes.append(f"set [server] public_ips to print the A/AAAA and PTR records of {hostname}; "
+                     "SPF uses 'mx' until then")
+    if not srs_domain:
+        notes.append("SRS is off ([srs] domain unset): forwarded mail will fail SPF at its destination")
+    return RecordSet(domain, tuple(records), tuple(notes))
+
+
+# ---------------------------------------------------------------- DNS lookups
+
+
+class TemporaryDnsError(MailforwardError):
+    """DNS could not answer (SERVFAIL, timeout): the item fails, the check goes on."""
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """An answer: records, or none, with ``nxdomain`` telling "no such name" from "no such type"."""
+
+    records: tuple[dns.rdata.Rdata, ...]
+    nxdomain: bool = False
+
+
+async def lookup(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str) -> Lookup:
+    try:
+        answer = await resolver.resolve(dns.name.from_text(name), rdtype, search=False)
+    except dns.resolver.NXDOMAIN:
+        return Lookup((), nxdomain=True)
+    except dns.resolver.NoAnswer:
+        return Lookup(())
+    except dns.resolver.LifetimeTimeout:
+        raise TemporaryDnsError(f"{name} {rdtype}: no answer within the timeout") from None
+    except dns.resolver.NoNameservers:
+        raise TemporaryDnsError(f"{name} {rdtype}: the nameservers failed (SERVFAIL)") from None
+    except (dns.exception.DNSException, OSError) as e:
+        raise TemporaryDnsError(f"{name} {rdtype}: {e}") from None
+    return Lookup(tuple(answer))
+
+
+async def addresses_of(resolver: dns.asyncresolver.Resolver, host: str) -> list[str]:
+    found: list[str] = []
+    for rdtype in ("A", "AAAA"):
+        answer = await lookup(resolver, host, rdtype)
+        found += [str(ipaddress.ip_address(rd.to_text())) for rd in answer.records]
+    return found
+
+
+def txt_strings(answer: Lookup) -> list[str]:
+    """Each TXT record as one string (its character-strings concatenated, RFC 7208 3.3)."""
+    return [b"".join(rd.strings).decode("utf-8", "replace") for rd in answer.records
+            if isinstance(rd, TXT)]
+
+
+def temporary(item: str, error: TemporaryDnsError) -> CheckResult:
+    return CheckResult(item, False, f"DNS lookup failed (temporary): {error}")
+
+
+# ---------------------------------------------------------------- MX
+
+
+async def check_mx(resolver: dns.asyncresolver.Resolver, domain: str, hostname: str,
+                   ips: Sequence[str], item: str = "MX") -> CheckResult:
+    """Every MX host must reach this server: mail sent to any other one is not forwarded."""
+    if not ips:
+        return CheckResult(item, False, NO_PUBLIC_IPS)
+    try:
+        answer = await lookup(resolver, domain, "MX")
+        if answer.nxdomain:
+            return CheckResult(item, False, f"{domain} does not exist in DNS (NXDOMAIN)")
+        exchanges = [rd.exchange for rd in answer.records if isinstance(rd, MX)]
+        if not exchanges:
+            return CheckResult(item, False, f"{domain} has no MX record; publish "
+                                            f"'{absolute(domain)} MX 10 {absolute(hostname)}'")
+        if all(name == dns.name.root for name in exchanges):
+            return CheckResult(item, False, f"{domain} publishes a null MX: it accepts no mail")
+        hosts = [name.to_text(omit_final_dot=True).lower() for name in exchanges
+                 if name != dns.name.root]
+        for host in hosts:
+            found = await addresses_of(resolver, host)
+            if not set(found) & set(ips):
+                where = ", ".join(found) if found else "no address at all"
+                return CheckResult(item, False, f"MX host {host} resolves to {where}, not to this "
+                                                f"server ({', '.join(ips)}); point the MX at {hostname}")
+    except TemporaryDnsError as e:
+        return temporary(item, e)
+    return CheckResult(item, True, f"{domain} MX {', '.join(hosts)} reaches this server")
+
+
+# ---------------------------------------------------------------- SPF
+
+
+def spf_reason(result: str, explanation: str, ip: str, domain: str) -> str:
+    """Turn pyspf's verdict into advice: what is wrong and what to publish instead."""
+    text = explanation.lower()
+    if result == "permerror" and ("too many dns lookups" in text or "more than" in text):
+        return SPF_TOO_MANY_LOOKUPS
+    if result == "permerror" and "void lookup" in text:
+        return "SPF has more than 2 lookups that find nothing (RFC 7208 void lookup limit)"
+    if result == "none":
+        return f"{domain} has no SPF record; publish '{absolute(domain)} TXT \"v=spf1 mx -all\"'"
+    if result == "permerror":
+        return f"the SPF record of {domain} is invalid: {explanation}"
+    if result == "temperror":
+        return f"DNS lookup failed (temporary): SPF of {domain}: {explanation}"
+    return (f"SPF of {domain} does not authorise this server's address {ip} (result: {result}); "
+            f"add ip{ipaddress.ip_address(ip).version}:{ip} to the record")
+
+
+async def check_spf(domain: str, settings: Settings, ips: Sequence[str], item: str) -> CheckResult:
+    """Evaluate the record as receivers will, once per address of ours (pyspf, RFC 7208)."""
+    if not ips:
+        return CheckResult(item, False, NO_PUBLIC_IPS)
+    delivery = settings.delivery
+    for ip in ips:
+        verdict = await asyncio.to_thread(evaluate_spf, ip, f"postmaster@{domain}",
+                                          settings.server.hostname, delivery.nameservers,
+                                          delivery.dns_timeout)
+        if verdict.result != "pass":
+            return CheckResult(item, False, spf_reason(verdict.result, verdict.explanation, ip, domain))
+    return CheckResult(item, True, f"SPF of {domain} passes for {', '.join(ips)}")
+
+
+# ---------------------------------------------------------------- DMARC
+
+
+def dmarc_problem(record: str) -> str:
+    """What is wrong with a DMARC record (RFC 7489 6.3), or "" when it parses."""
+    parts = [part.strip() for part in record.split(";")]
+    tags: list[tuple[str, str]] = []
+    for part in parts:
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        if not sep or not _TAG.fullmatch(name.strip()):
+            return f"'{part}' is not tag=value"
+        tags.append((name.strip().lower(), value.strip()))
+    if not tags or tags[0] != ("v", "DMARC1"):
+        return "the first tag must be v=DMARC1"
+    values = dict(tags)
+    if "p" not in values:
+        return "the p= tag (none, quarantine or reject) is missing"
+    for tag in ("p", "sp"):
+        if tag in values and values[tag].lower() not in DMARC_POLICIES:
+            return f"{tag}={values[tag]} is not one of none, quarantine, reject"
+    for tag in ("adkim", "aspf"):
+        if tag in values and values[tag].lower() not in ("r", "s"):
+            return f"{tag}={values[tag]} must be r or s"
+    if "pct" in values and not (values["pct"].isdigit() and int(values["pct"]) <= 100):
+        return f"pct={values['pct']} must be a number from 0 to 100"
+    return ""
+
+
+async def check_dmarc(resolver: dns.asyncresolver.Resolver, domain: str) -> CheckResult:
+    item, name = "DMARC", f"_dmarc.{domain}"
+    try:
+        texts = txt_strings(await lookup(resolver, name, "TXT"))
+    except TemporaryDnsError as e:
+        return temporary(item, e)
+    records = [t for t in texts if t[:8].lower() == "v=dmarc1"]
+    if not records:
+        return CheckResult(item, False, f"no DMARC record at {name}; publish "
+                                        f"'{absolute(name)} TXT \"v=DMARC1; p=none\"'")
+    if len(records) > 1:
+        return CheckResult(item, False, f"{name} has {len(records)} DMARC records; receivers "
+                                        "ignore them all (RFC 7489 6.6.3): keep one")
+    problem = dmarc_problem(records[0])
+    if problem:
+        return CheckResult(item, False, f"the DMARC record at {name} is malformed: {problem}")
+    return CheckResult(item, True, f"{name}: {records[0]}")
+
+
+# ---------------------------------------------------------------- DKIM
+
+
+def dkim_tags(record: str) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for part in record.split(";"):
+        name, sep, value = part.partition("=")
+        if sep:
+            tags[name.strip().lower()] = "".join(value.split())
+    return tags
+
+
+async def check_dkim(resolver: dns.asyncresolver.Resolver, domain: str,
+                     settings: Settings) -> list[CheckResult]:
+    """Each selector's published p= must be the public half of the private key we sign with."""
+    keys = dkim_keys(domain, settings)
+    if not keys:
+        return [CheckResult("DKIM", True, f"not enabled for {domain} (optional): no [dkim] key "
+                                          "for it")]
+    return [await check_dkim_key(resolver, key.name, key.selector, key.public_key_base64())
+            for key in keys]
+
+
+async def check_dkim_key(resolver: dns.asyncresolver.Resolver, name: str, selector: str,
+                         expected: str) -> CheckResult:
+    item = f"DKIM {selector}"
+    try:
+        texts = txt_strings(await lookup(resolver, name, "TXT"))
+    except TemporaryDnsError as e:
+        return temporary(item, e)
+    published = [dkim_tags(t) for t in texts if "p" in dkim_tags(t)]
+    if not published:
+        return CheckResult(item, False, f"no DKIM record at {name}; publish the TXT record "
+                                        "that 'mailforward dns' prints")
+    if len(published) > 1:
+        return CheckResult(item, False, f"{name} has {len(published)} DKIM records; keep one")
+    if published[0]["p"] == "":
+        return CheckResult(item, False, f"the key at {name} is revoked (empty p=)")
+    if published[0]["p"] != expected:
+        return CheckResult(item, False, f"the public key at {name} does not match our private "
+                                        "key: receivers will reject our signatures; republish "
+                                        "the record that 'mailforward dns' prints")
+    return CheckResult(item, True, f"{name} publishes the public half of our private key")
+
+
+# ---------------------------------------------------------------- database
+
+
+async def check_hosted(domain: str, settings: Settings) -> CheckResult:
+    """Ask the server's own query first; the admin listing only explains a "no"."""
+    item = "database"
+    try:
+        table = await open_table(settings.database, cached=False)
+        try:
+            if await table.domain_is_hosted(domain):
+                return CheckResult(item, True, f"{domain} is hosted and active")
+        finally:
+            await table.close()
+        db = await open_admin_database(settings.database)
+        try:
+            rows = [r for r in await Admin(db).list_domains() if r.name == domain]
+        finally:
+            await db.close()
+    except MailforwardError as e:
+        return CheckResult(item, False, f"cannot read the database: {e}")
+    if not rows:
+        return CheckResult(item, False, f"{domain} is not in the database; add it with "
+                                        f"'mailforward domain add {domain}'")
+    return CheckResult(item, False, f"{domain} is in the database but inactive; enable it with "
+                                    f"'mailforward domain enable {domain}'")
+
+
+# ---------------------------------------------------------------- PTR
+
+
+async def check_ptr(resolver: dns.asyncresolver.Resolver, hostname: str,
+                    ips: Sequence[str]) -> CheckResult:
+    """Forward-confirmed reverse DNS: many receivers refuse mail from an IP without it."""
+    item = "PTR"
+    if not ips:
+        return CheckResult(item, False, NO_PUBLIC_IPS)
+    try:
+        for ip in ips:
+            problem = await ptr_problem(resolver, hostname, ip)
+            if problem:
+                return CheckResult(item, False, problem)
+    except TemporaryDnsError as e:
+        return temporary(item, e)
+    return CheckResult(item, True, f"{', '.join(ips)} ↔ {hostname} (forward-confirmed)")
+
+
+async def ptr_problem(resolver: dns.asyncresolver.Resolver, hostname: str, ip: str) -> str:
+    reverse = dns.reversename.from_address(ip).to_text()
+    names = [rd.target.to_text(omit_final_dot=True).lower()
+             for rd in (await lookup(resolver, reverse, "PTR")).records if isinstance(rd, PTR)]
+    if not names:
+        return (f"{ip} has no PTR record; ask your hosting provider to set it to {hostname}")
+    if hostname not in names:
+        return f"the PTR of {ip} is {', '.join(names)}, not {hostname}"
+    if ip not in await addresses_of(resolver, hostname):
+        return (f"{hostname} does not resolve back to {ip}: add '{absolute(hostname)} "
+                f"{'A' if ipaddress.ip_address(ip).version == 4 else 'AAAA'} {ip}'")
+    return ""
+
+
+# ---------------------------------------------------------------- the checklist
+
+
+async def run_dns_checks(domain: str, settings: Settings) -> list[CheckResult]:
+    """The seed's checklist items that DNS and the database can prove, in the seed's order."""
+    domain = normalize_domain(domain)
+    hostname = normalize_domain(settings.server.hostname)
+    ips = server_ips(settings.server)
+    resolver = make_resolver(settings.delivery.nameservers, settings.delivery.dns_timeout)
+    results = [await check_mx(resolver, domain, hostname, ips),
+               await check_spf(domain, settings, ips, "SPF")]
+    srs_domain = normalize_domain(settings.srs.domain) if settings.srs.domain else ""
+    if not srs_domain:
+        results.append(CheckResult("SPF (SRS domain)", False, "SRS is off: set [srs] domain; "
+                                   "forwarding without SRS breaks SPF at the destination"))
+    elif srs_domain != domain:
+        results.append(await check_spf(srs_domain, settings, ips, "SPF (SRS domain)"))
+    results.append(await check_dmarc(resolver, domain))
+    results += await check_dkim(resolver, domain, settings)
+    results.append(await check_hosted(domain, settings))
+    results.append(await check_ptr(resolver, hostname, ips))
+    return results
+
+
+def valid_domain(text: str) -> str:
+    """The domain argument, normalised; AddressError (a usage error) when it is not one."""
+    domain = normalize_domain(text)
+    if "." not in domain:
+        raise AddressError(f"{text!r} is not a fully qualified domain name")
+    return domain

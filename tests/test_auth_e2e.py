@@ -1,0 +1,141 @@
+"""Authentication end to end: ``mailforward serve`` between a client and a sink, judged by Mail::DKIM.
+
+The server resolves through a DNS server on loopback that publishes the
+senders' SPF and DMARC records and our own DKIM/ARC key; Perl's Mail::DKIM,
+a second implementation, verifies what arrives at the sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mailforward.auth.dkim import DkimKey, generate_key
+from mailforward.config import DatabaseSettings
+from mailforward.smtpd import replies
+
+from conftest import seed_reference_data
+from dns_server import LoopbackDNSServer, ZoneResolver
+from mail_dkim import mail_dkim_verify, mail_dkim_verify_arc
+from smtp_harness import HOSTNAME, SinkHandler, free_port, start_sink
+from test_queue import _start_serve
+
+ZONES = """
+ext.test.          300 IN TXT "v=spf1 ip4:127.0.0.1 -all"
+_dmarc.ext.test.   300 IN TXT "v=DMARC1; p=reject"
+bank.test.         300 IN TXT "v=spf1 ip4:192.0.2.1 -all"
+_dmarc.bank.test.  300 IN TXT "v=DMARC1; p=reject"
+lax.test.          300 IN TXT "v=spf1 ip4:192.0.2.1 -all"
+_dmarc.lax.test.   300 IN TXT "v=DMARC1; p=none"
+"""
+
+
+def message(from_header: str, extra: str = "") -> bytes:
+    return (f"From: {from_header}\r\nTo: alice@example.org\r\nSubject: e2e\r\n"
+            f"Date: Tue, 24 Nov 2026 10:00:00 +0000\r\nMessage-ID: <e2e@ext.test>\r\n"
+            f"{extra}\r\nHello through the forwarder.\r\n").encode()
+
+
+class World:
+    def __init__(self, port: int, sink: SinkHandler, dns: LoopbackDNSServer, key: DkimKey) -> None:
+        self.port, self.sink, self.dns, self.key = port, sink, dns, key
+
+    def send(self, mail_from: str, content: bytes) -> dict[str, tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.ext.test",
+                          timeout=30) as client:
+            return client.sendmail(mail_from, ["alice@example.org"], content)
+
+    def arrived(self) -> bytes:
+        (_, _, content), = self.sink.envelopes
+        return content
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    database = DatabaseSettings(url=f"sqlite:///{tmp_path / 'mf.db'}")  # lookups are not under test
+    asyncio.run(seed_reference_data(database))
+    key = generate_key("example.org", "fwd", tmp_path, bits=1024)
+    zone = ZONES + key.zone_lines() + "\n"
+    controller, sink = start_sink()
+    port = free_port()
+    with LoopbackDNSServer(ZoneResolver(zone)) as dns:
+        config = tmp_path / "mf.toml"
+        config.write_text(f"""
+[server]
+hostname = "{HOSTNAME}"
+listen = ["127.0.0.1:{port}"]
+[database]
+url = "{database.url}"
+[delivery]
+relay_host = "[127.0.0.1]:{controller.port}"
+nameservers = ["{dns.nameserver}"]
+spool_directory = "{tmp_path / 'spool'}"
+[dkim]
+keys = ["fwd._domainkey.example.org example.org:fwd:{key.path}"]
+sign_forwarded_as = "example.org"
+[arc]
+domain = "example.org"
+selector = "fwd"
+""")
+        proc = _start_serve(config, port, tmp_path / "serve.log")
+        try:
+            yield World(port, sink, dns, key)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            controller.stop()
+
+
+def test_forwarded_mail_carries_a_dkim_signature_mail_dkim_accepts(world: World) -> None:
+    assert world.send("sender@ext.test", message("Sender <sender@ext.test>")) == {}
+    assert ("pass", "example.org") in mail_dkim_verify(world.arrived(), world.dns.port)
+
+
+def test_forwarded_mail_carries_an_arc_chain_mail_dkim_accepts(world: World) -> None:
+    world.send("sender@ext.test", message("Sender <sender@ext.test>"))
+    assert mail_dkim_verify_arc(world.arrived(), world.dns.port) == "pass"
+
+
+def test_authentication_results_are_added_under_our_authserv_id(world: World) -> None:
+    world.send("sender@ext.test", message("Sender <sender@ext.test>"))
+    header = world.arrived().split(b"\r\n\r\n")[0]
+    assert f"Authentication-Results: {HOSTNAME};".encode() in header
+    assert b"spf=pass" in header and b"dmarc=pass" in header
+
+
+def test_dmarc_reject_policy_is_enforced_at_data(world: World) -> None:
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        world.send("ceo@bank.test", message("CEO <ceo@bank.test>"))
+    expected = replies.dmarc_rejected("bank.test")
+    assert (refused.value.smtp_code, refused.value.smtp_error.decode()) == (
+        expected.code, f"{expected.status} {expected.text}")
+    assert world.sink.envelopes == []
+
+
+def test_dmarc_failure_with_p_none_is_forwarded_and_labelled(world: World) -> None:
+    assert world.send("someone@lax.test", message("<someone@lax.test>")) == {}
+    assert b"dmarc=fail" in world.arrived().split(b"\r\n\r\n")[0]
+
+
+def test_forged_authentication_results_are_removed(world: World) -> None:
+    forged = f"Authentication-Results: {HOSTNAME}; dmarc=pass header.from=bank.test\r\n"
+    world.send("sender@ext.test", message("Sender <sender@ext.test>", extra=forged))
+    assert b"header.from=bank.test" not in world.arrived()
+
+
+def test_world_readable_key_stops_the_server_naming_the_file(tmp_path: Path) -> None:
+    key = generate_key("example.org", "open", tmp_path, bits=1024)
+    Path(key.path).chmod(0o644)
+    config = tmp_path / "mf.toml"
+    config.write_text(f'[dkim]\nkeys = ["open._domainkey.example.org example.org:open:{key.path}"]\n'
+                      f'[delivery]\nspool_directory = "{tmp_path / "spool"}"\n')
+    result = subprocess.run([sys.executable, "-m", "mailforward", "--config", str(config), "serve"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert key.path in result.stderr
