@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import dkim  # type: ignore[import-untyped]
 import pytest
 
 from mailforward.auth.dkim import DkimKey, generate_key
@@ -43,8 +44,9 @@ def message(from_header: str, extra: str = "") -> bytes:
 
 
 class World:
-    def __init__(self, port: int, sink: SinkHandler, dns: LoopbackDNSServer, key: DkimKey) -> None:
-        self.port, self.sink, self.dns, self.key = port, sink, dns, key
+    def __init__(self, port: int, sink: SinkHandler, dns: LoopbackDNSServer,
+                 upstream: DkimKey) -> None:
+        self.port, self.sink, self.dns, self.upstream = port, sink, dns, upstream
 
     def send(self, mail_from: str, content: bytes) -> dict[str, tuple[int, bytes]]:
         with smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.ext.test",
@@ -61,7 +63,8 @@ def world(tmp_path: Path) -> Iterator[World]:
     database = DatabaseSettings(url=f"sqlite:///{tmp_path / 'mf.db'}")  # lookups are not under test
     asyncio.run(seed_reference_data(database))
     key = generate_key("example.org", "fwd", tmp_path, bits=1024)
-    zone = ZONES + key.zone_lines() + "\n"
+    upstream = generate_key("upstream.test", "arc", tmp_path, bits=1024)
+    zone = ZONES + key.zone_lines() + "\n" + upstream.zone_lines() + "\n"
     controller, sink = start_sink()
     port = free_port()
     with LoopbackDNSServer(ZoneResolver(zone)) as dns:
@@ -85,7 +88,7 @@ selector = "fwd"
 """)
         proc = _start_serve(config, port, tmp_path / "serve.log")
         try:
-            yield World(port, sink, dns, key)
+            yield World(port, sink, dns, upstream)
         finally:
             proc.terminate()
             proc.wait(10)
@@ -100,6 +103,29 @@ def test_forwarded_mail_carries_a_dkim_signature_mail_dkim_accepts(world: World)
 def test_forwarded_mail_carries_an_arc_chain_mail_dkim_accepts(world: World) -> None:
     world.send("sender@ext.test", message("Sender <sender@ext.test>"))
     assert mail_dkim_verify_arc(world.arrived(), world.dns.port) == "pass"
+
+
+def sealed_upstream(world: World, content: bytes) -> bytes:
+    """The message as an earlier forwarder (upstream.test) sealed it."""
+    content = b"Authentication-Results: upstream.test; arc=none\r\n" + content
+    seal = dkim.arc_sign(content, b"arc", b"upstream.test", world.upstream.private_pem,
+                         b"upstream.test")
+    return b"".join(h.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") for h in seal) + content
+
+
+def test_an_intact_arc_chain_is_continued(world: World) -> None:
+    world.send("sender@ext.test", sealed_upstream(world, message("Sender <sender@ext.test>")))
+    arrived = world.arrived()
+    assert b"ARC-Seal: i=2; cv=pass" in arrived
+    assert mail_dkim_verify_arc(arrived, world.dns.port) == "pass"
+
+
+def test_a_broken_arc_chain_is_sealed_as_failed(world: World) -> None:
+    sealed = sealed_upstream(world, message("Sender <sender@ext.test>"))
+    world.send("sender@ext.test", sealed.replace(b"Hello", b"Tampered"))
+    arrived = world.arrived()
+    assert b"ARC-Seal: i=2; cv=fail" in arrived
+    assert mail_dkim_verify_arc(arrived, world.dns.port) == "fail"
 
 
 def test_authentication_results_are_added_under_our_authserv_id(world: World) -> None:

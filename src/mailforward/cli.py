@@ -401,6 +401,40 @@ def srs_serve(ctx: click.Context) -> None:
         raise click.ClickException(f"cannot listen: {e}") from None
 
 
+# ---------------------------------------------------------------- DKIM
+
+
+@main.group()
+def dkim() -> None:
+    """DKIM keys, in OpenDKIM's formats."""
+
+
+@dkim.command("keygen")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.option("--selector", required=True, help="The selector (DNS label) for the key.")
+@click.option("--type", "key_type", type=click.Choice(["rsa", "ed25519"]), default="rsa",
+              show_default=True)
+@click.option("--bits", type=click.IntRange(1024, 8192), default=2048, show_default=True,
+              help="RSA key size.")
+@click.option("--directory", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Where to write SELECTOR.private (like opendkim-genkey -D).")
+def dkim_keygen(domain_name: str, selector: str, key_type: str, bits: int, directory: str) -> None:
+    """Write a private key (mode 600) and print the DNS TXT record to publish."""
+    from .addresses import normalize_domain
+    from .auth.dkim import generate_key
+
+    try:
+        domain = normalize_domain(domain_name)
+        key = generate_key(domain, selector, Path(directory), key_type=key_type, bits=bits)
+    except MailforwardError as e:
+        raise UsageFailure(str(e)) from None
+    path = Path(key.path).resolve()
+    click.echo(f"; wrote {path} (mode 600); keep it out of version control")
+    click.echo(f"; KeyTable line:     {key.name} {domain}:{selector}:{path}")
+    click.echo(f"; SigningTable line: *@{domain} {key.name}")
+    click.echo(key.zone_lines())
+
+
 # ---------------------------------------------------------------- dns and check
 
 
