@@ -45,8 +45,8 @@ def message(from_header: str, extra: str = "") -> bytes:
 
 class World:
     def __init__(self, port: int, sink: SinkHandler, dns: LoopbackDNSServer,
-                 upstream: DkimKey) -> None:
-        self.port, self.sink, self.dns, self.upstream = port, sink, dns, upstream
+                 upstream: DkimKey, log: Path) -> None:
+        self.port, self.sink, self.dns, self.upstream, self.log = port, sink, dns, upstream, log
 
     def send(self, mail_from: str, content: bytes) -> dict[str, tuple[int, bytes]]:
         with smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.ext.test",
@@ -88,7 +88,7 @@ selector = "fwd"
 """)
         proc = _start_serve(config, port, tmp_path / "serve.log")
         try:
-            yield World(port, sink, dns, upstream)
+            yield World(port, sink, dns, upstream, tmp_path / "serve.log")
         finally:
             proc.terminate()
             proc.wait(10)
@@ -126,6 +126,15 @@ def test_a_broken_arc_chain_is_sealed_as_failed(world: World) -> None:
     arrived = world.arrived()
     assert b"ARC-Seal: i=2; cv=fail" in arrived
     assert mail_dkim_verify_arc(arrived, world.dns.port) == "fail"
+
+
+def test_failed_verifications_log_no_message_content(world: World) -> None:
+    sealed = sealed_upstream(world, message("Sender <sender@ext.test>",
+                                            extra="X-Marker: hdr-marker-7c1e\r\n"))
+    world.send("sender@ext.test", sealed.replace(b"Hello", b"body-marker-7c1e"))
+    log = world.log.read_text()
+    assert "status=250" in log  # the transaction was logged, and nothing of its content
+    assert "marker-7c1e" not in log and "Subject" not in log
 
 
 def test_authentication_results_are_added_under_our_authserv_id(world: World) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .config import SrsSettings
 from .errors import MailforwardError
+from .private_files import create_private_file
 
 __all__ = [
     "SEPARATORS",
@@ -468,17 +469,11 @@ def generate_secret_file(path: str | os.PathLike[str]) -> None:
     """
     path = Path(path)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        create_private_file(path, (_secrets.token_hex(32) + "\n").encode("ascii"))
     except FileExistsError:
         raise SrsSecretError(f"SRS secret file {path} already exists; refusing to overwrite it") from None
     except OSError as e:
         raise SrsSecretError(f"SRS secret file {path} cannot be created: {e.strerror}") from None
-    try:
-        os.fchmod(fd, 0o600)  # the umask may have cleared bits; never widened, but be exact
-        os.write(fd, (_secrets.token_hex(32) + "\n").encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rewriter_from_settings(settings: SrsSettings) -> SrsRewriter | None:

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from ..config import DkimSettings
 from ..errors import ConfigError
+from ..private_files import create_private_file
 
 __all__ = [
     "OVERSIGN_HEADERS",
@@ -217,7 +218,12 @@ def generate_key(domain: str, selector: str, directory: Path, key_type: str = "r
     if not selector or "/" in selector or selector.startswith("."):
         raise DkimError(f"[dkim] selector {selector!r}: not usable as a file name")
     path = Path(directory) / f"{selector}.private"
-    _write_new_file(path, _new_private_pem(key_type, bits))
+    try:
+        create_private_file(path, _new_private_pem(key_type, bits))
+    except FileExistsError:
+        raise DkimError(f"[dkim] key file {path}: already exists; not overwriting it") from None
+    except OSError as e:
+        raise DkimError(f"[dkim] key file {path}: cannot be created ({e.strerror})") from None
     return load_key(domain, selector, str(path))
 
 
@@ -233,17 +239,6 @@ def _new_private_pem(key_type: str, bits: int) -> bytes:
     return rsa.generate_private_key(public_exponent=65537, key_size=bits).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
         serialization.NoEncryption())
-
-
-def _write_new_file(path: Path, data: bytes) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise DkimError(f"[dkim] key file {path}: already exists; not overwriting it") from None
-    except OSError as e:
-        raise DkimError(f"[dkim] key file {path}: cannot be created ({e.strerror})") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 # --------------------------------------------------------------------------- tables

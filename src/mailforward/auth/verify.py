@@ -15,6 +15,9 @@ delivery uses -- never the libraries' own default (the system resolver):
   resolver set the dispatcher answers TempError rather than falling back.
 * dkimpy and our DMARC lookup take a ``dnsfunc``; ours closes over the resolver.
 
+Log lines name the exception type, never dkimpy's text: it can quote header
+lines, and no message content may reach the logs.
+
 DNS trouble (timeout, SERVFAIL) is a ``temperror`` in the verdict, never an
 exception and never a rejection by itself.
 """
@@ -242,7 +245,7 @@ def _verify_dkim(resolver: dns.resolver.Resolver, message: bytes) -> tuple[DkimV
     try:
         signed = dkim.DKIM(message)
     except Exception as e:  # dkimpy's parser raises more than DKIMException on garbage
-        log.info("DKIM: message not parseable: %r", e)
+        log.info("DKIM: message not parseable (%s)", type(e).__name__)
         return ()
     headers = [value for name, value in signed.headers if name.lower() == b"dkim-signature"]
     lookup = _key_lookup(resolver)
@@ -259,10 +262,10 @@ def _verify_signature(signed: dkim.DKIM, index: int, value: bytes,
         log.info("DKIM d=%s s=%s: %s", domain, selector, e)
         result = e.result
     except dkim.ValidationError as e:  # body hash mismatch and the like
-        log.info("DKIM d=%s s=%s: %s", domain, selector, e)
+        log.info("DKIM d=%s s=%s: fail (%s)", domain, selector, type(e).__name__)
         result = "fail"
     except Exception as e:  # malformed signature or key; dkimpy has no narrower contract
-        log.info("DKIM d=%s s=%s: %r", domain, selector, e)
+        log.info("DKIM d=%s s=%s: permerror (%s)", domain, selector, type(e).__name__)
         result = "permerror"
     return DkimVerdict(result, domain, selector)
 
@@ -280,13 +283,13 @@ def _signature_ids(value: bytes) -> tuple[str, str]:
 def _verify_arc(resolver: dns.resolver.Resolver, message: bytes) -> str:
     """The incoming chain's state for our ``arc=`` result: none, pass or fail."""
     try:
-        state, _, reason = dkim.arc_verify(message, dnsfunc=_arc_key_lookup(resolver))
+        state, _, _ = dkim.arc_verify(message, dnsfunc=_arc_key_lookup(resolver))
     except Exception as e:  # dkimpy catches only its own exceptions
-        log.info("ARC: verification failed: %r", e)
+        log.info("ARC: verification failed (%s)", type(e).__name__)
         return "fail"
     if state in (dkim.CV_Pass, dkim.CV_None):
         return str(state.decode("ascii"))
-    log.info("ARC: chain fails: %s", reason)
+    log.info("ARC: incoming chain fails")
     return "fail"  # includes None: a seal already reported cv=fail
 
 
