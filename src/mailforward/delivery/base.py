@@ -7,6 +7,7 @@ The reply is what the inbound client is told (pass-through acknowledgement):
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,6 +30,12 @@ class Message:
     client_ip: str = ""
     smtputf8: bool = False
     original_sender: str = ""  # before SRS: where a DSN goes ("" when sender is unchanged)
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    """destination -> the address the client gave at RCPT: what the sender may be told."""
+
+    def alias_of(self, destination: str) -> str:
+        """The address the sender used for ``destination``; the destination itself when unknown."""
+        return self.aliases.get(destination, destination)
 
     @property
     def bounce_to(self) -> str:

@@ -84,6 +84,8 @@ BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")
 BAD_PARAMETER = Reply(555, "5.5.4", "Unsupported option")
 SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Error: SMTPUTF8 is required for this address")
+UNFORWARDABLE_SENDER = Reply(553, "5.1.7", "Sender address rejected: cannot be forwarded")
+BARE_CARRIAGE_RETURN = Reply(521, "5.5.2", "Error: bare <CR> received")
 ARGUMENT_NOT_ALLOWED = Reply(501, "5.5.4", "Syntax: command takes no argument")
 
 # --- limits
@@ -111,6 +113,18 @@ def dmarc_rejected(domain: str) -> Reply:
 
 def spf_rejected(domain: str) -> Reply:
     return Reply(550, "5.7.23", f"Message rejected due to: SPF fail - not authorized by {domain}")
+
+
+# --- the From header policy (RFC 5322 3.6, RFC 7489 6.6.1; OpenDMARC's RejectMultiValueFrom)
+FROM_MISSING = Reply(550, "5.7.1", "Message rejected: no From header")
+FROM_REPEATED = Reply(550, "5.7.1", "Message rejected: more than one From header")
+FROM_NOT_ONE_MAILBOX = Reply(550, "5.7.1",
+                             "Message rejected: From header is not exactly one valid mailbox")
+
+
+def own_domain_unauthenticated(domain: str) -> Reply:
+    """From names one of our domains, and the message did not pass DMARC for it."""
+    return Reply(550, "5.7.1", f"Message rejected: From header in {domain} is not authenticated")
 
 
 # --- failures of our own
