@@ -24,8 +24,7 @@ PEER = Path(__file__).resolve().parents[2] / "shared" / "peer"
 
 # Cases where we deliberately answer differently from Postfix 3.7 (see docs/differences.md).
 DELIBERATE_DIFFERENCES = {
-    "bare_lf_command",        # bare LF in a command: 521 and hang up (smtpd_forbid_bare_newline)
-    "smuggling_bare_lf_dot",  # bare LF in DATA: 521, nothing delivered, no smuggled second message
+    "smuggling_bare_lf_dot",  # only CRLF.CRLF ends DATA: one message, no smuggled second one
     "etrn",                   # 459 with an enhanced status code (4.3.0)
 }
 

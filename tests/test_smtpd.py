@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import smtplib
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -347,15 +348,45 @@ def _start_data(c: RawClient) -> None:
     assert c.command("DATA") == str(replies.START_DATA)
 
 
-def test_bare_lf_dot_does_not_end_data_and_is_refused(smtp_server: ServerThread) -> None:
-    payload = ("Subject: one\r\n\r\nfirst\n.\nMAIL FROM:<admin@example.org>\r\n"
-               "RCPT TO:<alice@example.org>\r\nDATA\r\nSubject: smuggled\r\n\r\nsecond\r\n.\r\n")
+SMUGGLING_PAYLOAD = ("Subject: one\r\n\r\nfirst\n.\nMAIL FROM:<admin@example.org>\r\n"
+                     "RCPT TO:<alice@example.org>\r\nDATA\r\nSubject: smuggled\r\n\r\nsecond\r\n.\r\n")
+
+
+@pytest.fixture
+def rejecting_server(seeded_database: DatabaseSettings) -> Iterator[ServerThread]:
+    """``forbid_bare_newline = "reject"``: bare line ends are refused, not normalised."""
+    server = ServerThread(seeded_database, forbid_bare_newline="reject")
+    yield server
+    server.close()
+
+
+def test_bare_lf_dot_does_not_end_data(smtp_server: ServerThread) -> None:
     with RawClient(smtp_server.host, smtp_server.port) as c:
         _start_data(c)
-        c.send(payload)
-        assert c.read_reply() == str(replies.BARE_NEWLINE)
-        assert c.read_reply() == "(closed)"
-    assert smtp_server.messages == []
+        c.send(SMUGGLING_PAYLOAD)
+        assert c.read_reply().startswith("250 2.0.0")
+        assert c.command("QUIT") == str(replies.BYE)
+    (message,) = smtp_server.messages  # one message: the smuggled one is its content
+    assert b"Subject: smuggled" in message.content
+
+
+def test_bare_lf_in_data_is_normalised_to_crlf(smtp_server: ServerThread) -> None:
+    with RawClient(smtp_server.host, smtp_server.port) as c:
+        _start_data(c)
+        c.send("Subject: one\n\nfirst\nsecond\r\n.\r\n")
+        assert c.read_reply().startswith("250 2.0.0")
+    (message,) = smtp_server.messages
+    assert message.content.endswith(b"Subject: one\r\n\r\nfirst\r\nsecond\r\n")
+
+
+def test_bare_cr_in_data_is_normalised_to_crlf(smtp_server: ServerThread) -> None:
+    with RawClient(smtp_server.host, smtp_server.port) as c:
+        _start_data(c)
+        c.send("Subject: hi\rFrom: ceo@sender.test\r\r\nFrom: x@attacker.test\r\n\r\nbody\r\n.\r\n")
+        assert c.read_reply().startswith("250 2.0.0")
+    (message,) = smtp_server.messages
+    assert message.content.endswith(
+        b"Subject: hi\r\nFrom: ceo@sender.test\r\n\r\nFrom: x@attacker.test\r\n\r\nbody\r\n")
 
 
 def test_cr_dot_cr_does_not_end_data(smtp_server: ServerThread) -> None:
@@ -365,11 +396,36 @@ def test_cr_dot_cr_does_not_end_data(smtp_server: ServerThread) -> None:
         assert c.read_reply().startswith("250 2.0.0")
         assert c.command("QUIT") == str(replies.BYE)
     (message,) = smtp_server.messages
-    assert message.content.endswith(b"first\r.\rMAIL FROM:<admin@example.org>\r\n")
+    assert message.content.endswith(b"first\r\n.\r\nMAIL FROM:<admin@example.org>\r\n")
 
 
-def test_bare_lf_in_a_command_is_refused(smtp_server: ServerThread) -> None:
+def test_bare_lf_in_a_command_is_accepted_as_a_line_end(smtp_server: ServerThread) -> None:
     with RawClient(smtp_server.host, smtp_server.port) as c:
+        c.read_reply()
+        c.send("EHLO client.test\n")
+        assert c.read_reply().startswith("250 ")
+
+
+def test_bare_lf_dot_is_refused_in_reject_mode(rejecting_server: ServerThread) -> None:
+    with RawClient(rejecting_server.host, rejecting_server.port) as c:
+        _start_data(c)
+        c.send(SMUGGLING_PAYLOAD)
+        assert c.read_reply() == str(replies.BARE_NEWLINE)
+        assert c.read_reply() == "(closed)"
+    assert rejecting_server.messages == []
+
+
+def test_bare_cr_in_data_is_refused_in_reject_mode(rejecting_server: ServerThread) -> None:
+    with RawClient(rejecting_server.host, rejecting_server.port) as c:
+        _start_data(c)
+        c.send("Subject: hi\rFrom: ceo@sender.test\r\n\r\nbody\r\n.\r\n")
+        assert c.read_reply() == str(replies.BARE_CARRIAGE_RETURN)
+        assert c.read_reply() == "(closed)"
+    assert rejecting_server.messages == []
+
+
+def test_bare_lf_in_a_command_is_refused_in_reject_mode(rejecting_server: ServerThread) -> None:
+    with RawClient(rejecting_server.host, rejecting_server.port) as c:
         c.read_reply()
         c.send("EHLO client.test\n")
         assert c.read_reply() == str(replies.BARE_NEWLINE)

@@ -59,8 +59,11 @@ class ServerSettings:
     tls_cert: str = ""
     tls_key: str = ""
     public_ips: tuple[str, ...] = ()
+    forbid_bare_newline: str = "normalize"
 
     def __post_init__(self) -> None:
+        if self.forbid_bare_newline not in ("normalize", "reject"):
+            raise ConfigError('[server] forbid_bare_newline: must be "normalize" or "reject"')
         for ip in self.public_ips:
             try:
                 ipaddress.ip_address(ip)

@@ -5,9 +5,13 @@ This subclass replaces its command loop and command parsers so that:
 
 * every reply is a Postfix-style reply with an enhanced status code
   (``replies``), and there is no AUTH, EXPN, HELP or VRFY;
-* a bare LF anywhere, in a command or in DATA, is answered with 521 and the
-  connection is closed (Postfix ``smtpd_forbid_bare_newline = yes``): no SMTP
-  smuggling, and only ``<CRLF>.<CRLF>`` ends DATA;
+* only ``<CRLF>.<CRLF>`` ends DATA, so no SMTP smuggling; a bare LF or bare
+  CR is either normalised to CRLF (``[server] forbid_bare_newline = "normalize"``,
+  Postfix's ``smtpd_forbid_bare_newline = normalize``) or answered with 521
+  and a hang-up (``"reject"``).  Either way the message handed on has CRLF
+  line ends only, so every later reader -- our verifier, the signer, the next
+  hop, the recipient's MUA -- sees the same lines (bytes verified = bytes
+  signed = bytes sent);
 * data lines of any length are kept intact (up to the message size limit);
 * a session is closed after ``hard_error_limit`` errors, and on timeout with
   421, as Postfix does.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 from asyncio import sslproto
 from collections.abc import Awaitable, Callable
@@ -36,6 +41,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_COMMAND_LINE = 2048  # Postfix's line_length_limit; RFC 5321 requires at least 512
+
+NORMALIZE = "normalize"
+REJECT = "reject"
+BARE_NEWLINE_POLICIES = (NORMALIZE, REJECT)
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def normalize_line_ends(data: bytes) -> bytes:
+    """Every bare CR and bare LF becomes CRLF (RFC 5322 2.3 allows no other line end)."""
+    return _LINE_END.sub(b"\r\n", data)
 
 
 class ClientSession(Session):  # type: ignore[misc]
@@ -66,12 +82,14 @@ class SmtpProtocol(SMTP):  # type: ignore[misc]
 
     def __init__(self, handler: SmtpHandler, *, hostname: str, message_size_limit: int,
                  timeout: float, hard_error_limit: int,
-                 tls_context: ssl.SSLContext | None = None) -> None:
+                 tls_context: ssl.SSLContext | None = None,
+                 bare_newline: str = NORMALIZE) -> None:
         super().__init__(handler, data_size_limit=message_size_limit, enable_SMTPUTF8=True,
                          decode_data=False, hostname=hostname, ident="ESMTP",
                          tls_context=tls_context, timeout=timeout)
         self.handler = handler
         self.hard_error_limit = hard_error_limit
+        self.normalize_bare_newlines = bare_newline == NORMALIZE
         self._commands: dict[str, Callable[[str], Awaitable[None]]] = {
             "HELO": self.smtp_HELO, "EHLO": self.smtp_EHLO, "MAIL": self.smtp_MAIL,
             "RCPT": self.smtp_RCPT, "DATA": self.smtp_DATA, "RSET": self.smtp_RSET,
@@ -133,10 +151,13 @@ class SmtpProtocol(SMTP):  # type: ignore[misc]
                 line = await self._read_command()
                 if line is None:
                     continue
-                if not line.endswith(b"\r\n"):
+                if line.endswith(b"\r\n"):
+                    await self._dispatch(line[:-2])
+                elif self.normalize_bare_newlines:
+                    await self._dispatch(line[:-1])
+                else:
                     await self.hang_up(replies.BARE_NEWLINE)
                     return
-                await self._dispatch(line[:-2])
             except (asyncio.CancelledError, ConnectionError, asyncio.IncompleteReadError):
                 self._writer.close()
                 return
@@ -249,8 +270,9 @@ class SmtpProtocol(SMTP):  # type: ignore[misc]
             return
         await self.push(str(replies.START_DATA))
         content = await self._read_data()
-        if content is replies.BARE_NEWLINE:
-            await self.hang_up(replies.BARE_NEWLINE)
+        if content in (replies.BARE_NEWLINE, replies.BARE_CARRIAGE_RETURN):
+            assert isinstance(content, Reply)
+            await self.hang_up(content)
             return
         if isinstance(content, Reply):
             result = content
@@ -260,7 +282,11 @@ class SmtpProtocol(SMTP):  # type: ignore[misc]
         await self.reply(result)
 
     async def _read_data(self) -> bytes | Reply:
-        """Read until ``<CRLF>.<CRLF>``; a bare LF ends nothing, it is refused.
+        """Read until ``<CRLF>.<CRLF>``; a bare LF or CR ends nothing.
+
+        Bare line ends are normalised to CRLF once the data is complete (after
+        dot-unstuffing, which works on the lines as the client framed them),
+        or refused in ``reject`` mode.
 
         A line longer than the reader's buffer arrives in pieces; each byte
         is counted once against the size limit, and a long line's pieces are
@@ -283,10 +309,13 @@ class SmtpProtocol(SMTP):  # type: ignore[misc]
                 continue
             self._reset_timeout()
             line, head = head + piece, b""
-            if not line.endswith(b"\r\n"):
-                return replies.BARE_NEWLINE
             if line == b".\r\n" and not continued:
                 break
+            if not self.normalize_bare_newlines:
+                if not line.endswith(b"\r\n"):
+                    return replies.BARE_NEWLINE
+                if b"\r" in line[:-2]:
+                    return replies.BARE_CARRIAGE_RETURN
             continued = False
             size += len(piece)
             if size <= limit:
@@ -295,7 +324,7 @@ class SmtpProtocol(SMTP):  # type: ignore[misc]
                 lines.clear()
         if size > limit:
             return replies.MESSAGE_TOO_BIG
-        return b"".join(lines)
+        return normalize_line_ends(b"".join(lines))
 
     async def smtp_RSET(self, arg: str) -> None:
         self._set_rset_state()

@@ -44,7 +44,8 @@ class MailServer:
         return SmtpProtocol(self.handler, hostname=server.hostname,
                             message_size_limit=server.message_size_limit,
                             timeout=server.command_timeout,
-                            hard_error_limit=server.hard_error_limit, tls_context=self.tls)
+                            hard_error_limit=server.hard_error_limit, tls_context=self.tls,
+                            bare_newline=server.forbid_bare_newline)
 
     async def start(self) -> list[tuple[str, int]]:
         """Bind every listen address; return the bound (host, port) pairs."""
