@@ -652,3 +652,28 @@ def test_dot_after_an_oversized_long_line_does_not_end_data(seeded_database: Dat
         assert server.messages == []
     finally:
         server.close()
+
+
+def test_utf8_recipient_without_smtputf8_is_refused(smtp_server: ServerThread) -> None:
+    with RawClient(smtp_server.host, smtp_server.port) as c:
+        c.read_reply()
+        c.command("EHLO client.test")
+        c.command("MAIL FROM:<sender@ext.test>")
+        c.send("RCPT TO:<jösé@example.org>\r\n".encode())
+        assert c.read_reply() == str(replies.SMTPUTF8_REQUIRED)
+
+
+def test_sender_with_a_control_character_is_refused(smtp_server: ServerThread) -> None:
+    with RawClient(smtp_server.host, smtp_server.port) as c:
+        c.read_reply()
+        c.command("EHLO client.test")
+        c.send(b'MAIL FROM:<"a\x1bb"@ext.test>\r\n')
+        assert c.read_reply() == str(replies.UNFORWARDABLE_SENDER)
+
+
+def test_each_destination_remembers_the_alias_the_sender_used(smtp_server: ServerThread) -> None:
+    send(smtp_server, ["multi@example.org", "chain@example.org"])
+    (message,) = smtp_server.messages
+    assert message.aliases == {"a@sink.test": "multi@example.org",
+                               "b@sink2.test": "multi@example.org",
+                               "alice.dest@sink.test": "chain@example.org"}

@@ -207,3 +207,47 @@ def test_srs_serve_answers_tcp_table_queries(tmp_path: Path, secret_file: Path) 
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# ---------------------------------------------------------------- senders SRS cannot carry
+
+def mail_from_reply(server: ServerThread, mail_from: bytes) -> str:
+    from smtp_harness import RawClient
+    with RawClient(server.host, server.port) as c:
+        c.read_reply()
+        c.command("EHLO client.test")
+        c.send(b"MAIL FROM:" + mail_from + b"\r\n")
+        return c.read_reply()
+
+
+@pytest.mark.parametrize("mail_from", [
+    b'<"john doe"@sender.test>',
+    b'<"a@b"@sender.test>',
+    b'<"ctl\x01char"@sender.test>',
+], ids=["quoted-space", "quoted-at", "control-character"])
+def test_sender_srs_cannot_rewrite_is_refused_at_mail_from(srs_server: ServerThread,
+                                                           mail_from: bytes) -> None:
+    assert mail_from_reply(srs_server, mail_from) == str(replies.UNFORWARDABLE_SENDER)
+
+
+def test_utf8_sender_without_smtputf8_is_refused(srs_server: ServerThread) -> None:
+    reply = mail_from_reply(srs_server, "<sénder@sender.test>".encode())
+    assert reply == str(replies.SMTPUTF8_REQUIRED)
+
+
+def test_utf8_sender_with_smtputf8_is_rewritten_to_a_utf8_srs_address(
+        srs_server: ServerThread, rewriter: SrsRewriter) -> None:
+    from smtp_harness import RawClient
+    with RawClient(srs_server.host, srs_server.port) as c:
+        c.read_reply()
+        c.command("EHLO client.test")
+        c.send("MAIL FROM:<sénder@sender.test> SMTPUTF8\r\n".encode())
+        assert c.read_reply() == str(replies.SENDER_OK)
+        assert c.command("RCPT TO:<alice@example.org>") == str(replies.RECIPIENT_OK)
+        c.command("DATA")
+        c.send("From: sénder@sender.test\r\n\r\nbody\r\n.\r\n".encode())
+        assert c.read_reply().startswith("250 2.0.0")
+    (message,) = srs_server.messages
+    assert message.sender == rewriter.forward("sénder@sender.test")
+    assert message.sender.endswith("=sender.test=sénder@example.org")
+    assert message.smtputf8

@@ -136,6 +136,29 @@ def parse_mailbox(text: str) -> Address:
     return Address(local, normalize_domain(domain_text), domain_text)
 
 
+def has_control_characters(text: str) -> bool:
+    """C0 and C1 controls and DEL: never valid in an RFC 5321 path, even quoted."""
+    return any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in text)
+
+
+def is_sendable(path: str) -> bool:
+    """``path`` can be written in a MAIL FROM or RCPT TO we send: a plain RFC 5321 mailbox.
+
+    The local part must be a dot-string (what SRS produces is one); a quoted
+    local part, a routing ``@`` or a control character cannot be carried
+    through a rewrite, so such senders are refused at MAIL FROM instead of
+    being accepted and then failing at every delivery attempt.
+    """
+    if not path:
+        return True  # the null sender
+    try:
+        address = parse_mailbox(path)
+    except AddressError:
+        return False
+    return (not has_control_characters(address.local) and "@" not in address.local
+            and quote_local(address.local) == address.local)
+
+
 def parse_address(text: str) -> Address:
     """Parse a plain address as an operator types it (CLI), no routing tricks allowed."""
     address = parse_mailbox(text.strip())

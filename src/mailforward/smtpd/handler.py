@@ -15,7 +15,8 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..addresses import Address, normalize_domain, parse_mailbox, strip_source_route
+from ..addresses import (Address, has_control_characters, is_sendable, normalize_domain,
+                         parse_mailbox, strip_source_route)
 from ..aliases import NoDestination, expand_alias
 from ..auth.pipeline import MessageAuthenticator
 from ..config import ServerSettings
@@ -87,8 +88,17 @@ class SmtpHandler:
                 envelope.sender = parse_mailbox(strip_source_route(path))
             except AddressError:
                 return replies.BAD_SENDER_SYNTAX
+            if _needs_smtputf8(path) and not envelope.smtp_utf8:
+                return replies.SMTPUTF8_REQUIRED
+        mail_from = envelope.sender.external if envelope.sender else ""
+        forward_sender = self.envelope_sender(mail_from)
+        if not is_sendable(forward_sender) or (
+                envelope.sender is not None and has_control_characters(envelope.sender.local)):
+            log.info("reject: MAIL from %s: sender cannot be forwarded", session.client_ip)
+            return replies.UNFORWARDABLE_SENDER
         envelope.has_sender = True
-        envelope.mail_from = envelope.sender.external if envelope.sender else ""
+        envelope.mail_from = mail_from
+        envelope.forward_sender = forward_sender
         return replies.SENDER_OK
 
     def _check_mail_parameters(self, envelope: Transaction, params: list[str]) -> Reply | None:
@@ -113,6 +123,8 @@ class SmtpHandler:
                           path: str) -> Reply:
         if len(envelope.rcpt_tos) >= self.settings.recipient_limit:
             return replies.TOO_MANY_RECIPIENTS
+        if _needs_smtputf8(path) and not envelope.smtp_utf8:
+            return replies.SMTPUTF8_REQUIRED
         reply = await self._accept_recipient(session, envelope, path)
         if reply.is_success:
             envelope.rcpt_tos.append(path)
@@ -162,7 +174,7 @@ class SmtpHandler:
         except (SrsError, AddressError) as error:
             log.info("SRS address %s refused: %s", recipient.as_written, error)
             return replies.USER_UNKNOWN.about(recipient.as_written)
-        _add_destinations(envelope, (original.external,))
+        _add_destinations(envelope, (original.external,), recipient.as_written)
         return replies.RECIPIENT_OK
 
     def envelope_sender(self, mail_from: str) -> str:
@@ -192,7 +204,7 @@ class SmtpHandler:
             return reply.about(recipient.as_written)
         if destinations is None:
             return replies.USER_UNKNOWN.about(recipient.as_written)
-        _add_destinations(envelope, destinations)
+        _add_destinations(envelope, destinations, recipient.as_written)
         return replies.RECIPIENT_OK
 
     # ------------------------------------------------------------ DATA
@@ -224,12 +236,11 @@ class SmtpHandler:
         if self.auth is not None:
             content = await self.auth.inbound(content, session.client_ip, session.host_name,
                                               envelope.mail_from, trusted=session.in_mynetworks)
-        sender = self.envelope_sender(envelope.mail_from)
         if self.auth is not None:
             content = await self.auth.outbound(content, session.client_ip)
-        message = Message(queue_id, sender, tuple(envelope.destinations), content,
-                          session.client_ip, envelope.smtp_utf8,
-                          original_sender=envelope.mail_from)
+        message = Message(queue_id, envelope.forward_sender, tuple(envelope.destinations),
+                          content, session.client_ip, envelope.smtp_utf8,
+                          original_sender=envelope.mail_from, aliases=dict(envelope.aliases))
         return await self.delivery.deliver(message)
 
     def _received_header(self, session: ClientSession, server: SmtpProtocol, queue_id: str) -> bytes:
@@ -242,10 +253,23 @@ class SmtpHandler:
                 f"\t{email.utils.formatdate(localtime=True)}\r\n").encode()
 
 
-def _add_destinations(envelope: Transaction, destinations: Sequence[str]) -> None:
+def _add_destinations(envelope: Transaction, destinations: Sequence[str], alias: str) -> None:
+    """Add new destinations, remembering the address the sender used for each (kept private)."""
     for dest in destinations:
         if dest not in envelope.destinations:
             envelope.destinations.append(dest)
+            envelope.aliases[dest] = alias
+
+
+def _needs_smtputf8(path: str) -> bool:
+    """Well-formed UTF-8 beyond ASCII (undecodable bytes are a syntax error instead)."""
+    if path.isascii():
+        return False
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _about(reply: Reply, subject: str) -> Reply:

@@ -74,6 +74,8 @@ class Transaction(Envelope):  # type: ignore[misc]
         self.sender: Address | None = None
         self.has_sender = False
         self.destinations: list[str] = []
+        self.aliases: dict[str, str] = {}  # destination -> the RCPT address that led to it
+        self.forward_sender = ""  # the envelope sender to forward with (SRS), fixed at MAIL
         self.rcpt_attempts = 0
 
 
