@@ -111,7 +111,7 @@ def test_data_reply_is_the_delivery_reply(smtp_server: ServerThread) -> None:
         c.command("MAIL FROM:<sender@ext.test>")
         c.command("RCPT TO:<alice@example.org>")
         assert c.command("DATA") == str(replies.START_DATA)
-        reply = c.command("Subject: x\r\n\r\nbody\r\n.")
+        reply = c.command("From: s@ext.test\r\nSubject: x\r\n\r\nbody\r\n.")
     assert reply.startswith("250 2.0.0 Ok: queued as ")
 
 
@@ -348,7 +348,7 @@ def _start_data(c: RawClient) -> None:
     assert c.command("DATA") == str(replies.START_DATA)
 
 
-SMUGGLING_PAYLOAD = ("Subject: one\r\n\r\nfirst\n.\nMAIL FROM:<admin@example.org>\r\n"
+SMUGGLING_PAYLOAD = ("From: s@ext.test\r\nSubject: one\r\n\r\nfirst\n.\nMAIL FROM:<admin@example.org>\r\n"
                      "RCPT TO:<alice@example.org>\r\nDATA\r\nSubject: smuggled\r\n\r\nsecond\r\n.\r\n")
 
 
@@ -373,7 +373,7 @@ def test_bare_lf_dot_does_not_end_data(smtp_server: ServerThread) -> None:
 def test_bare_lf_in_data_is_normalised_to_crlf(smtp_server: ServerThread) -> None:
     with RawClient(smtp_server.host, smtp_server.port) as c:
         _start_data(c)
-        c.send("Subject: one\n\nfirst\nsecond\r\n.\r\n")
+        c.send("From: s@ext.test\nSubject: one\n\nfirst\nsecond\r\n.\r\n")
         assert c.read_reply().startswith("250 2.0.0")
     (message,) = smtp_server.messages
     assert message.content.endswith(b"Subject: one\r\n\r\nfirst\r\nsecond\r\n")
@@ -392,7 +392,7 @@ def test_bare_cr_in_data_is_normalised_to_crlf(smtp_server: ServerThread) -> Non
 def test_cr_dot_cr_does_not_end_data(smtp_server: ServerThread) -> None:
     with RawClient(smtp_server.host, smtp_server.port) as c:
         _start_data(c)
-        c.send("Subject: one\r\n\r\nfirst\r.\rMAIL FROM:<admin@example.org>\r\n.\r\n")
+        c.send("From: s@ext.test\r\nSubject: one\r\n\r\nfirst\r.\rMAIL FROM:<admin@example.org>\r\n.\r\n")
         assert c.read_reply().startswith("250 2.0.0")
         assert c.command("QUIT") == str(replies.BYE)
     (message,) = smtp_server.messages
@@ -435,7 +435,7 @@ def test_bare_lf_in_a_command_is_refused_in_reject_mode(rejecting_server: Server
 def test_dot_stuffing_is_removed(smtp_server: ServerThread) -> None:
     with RawClient(smtp_server.host, smtp_server.port) as c:
         _start_data(c)
-        c.send("Subject: x\r\n\r\n..leading dot\r\n.\r\n")
+        c.send("From: s@ext.test\r\nSubject: x\r\n\r\n..leading dot\r\n.\r\n")
         assert c.read_reply().startswith("250")
     assert smtp_server.messages[0].content.endswith(b"\r\n.leading dot\r\n")
 
@@ -444,7 +444,7 @@ def test_long_data_lines_are_kept_intact(smtp_server: ServerThread) -> None:
     line = "y" * 5000
     with RawClient(smtp_server.host, smtp_server.port) as c:
         _start_data(c)
-        c.send(f"Subject: x\r\n\r\n{line}\r\n.\r\n")
+        c.send(f"From: s@ext.test\r\nSubject: x\r\n\r\n{line}\r\n.\r\n")
         assert c.read_reply().startswith("250")
     assert smtp_server.messages[0].content.endswith(line.encode() + b"\r\n")
 
@@ -459,7 +459,7 @@ def test_disconnect_mid_data_delivers_nothing(smtp_server: ServerThread) -> None
 
 
 def test_8bit_and_non_utf8_body_bytes_pass_unchanged(smtp_server: ServerThread) -> None:
-    body = b"Subject: x\r\n\r\n\xff\xfe caf\xc3\xa9\r\n"
+    body = b"From: s@ext.test\r\nSubject: x\r\n\r\n\xff\xfe caf\xc3\xa9\r\n"
     with RawClient(smtp_server.host, smtp_server.port) as c:
         _start_data(c)
         c.send(body + b".\r\n")
@@ -480,7 +480,7 @@ def test_message_over_the_size_limit_is_refused(seeded_database: DatabaseSetting
     try:
         with RawClient(server.host, server.port) as c:
             _start_data(c)
-            c.send("Subject: big\r\n\r\n" + ("z" * 100 + "\r\n") * 20 + ".\r\n")
+            c.send("From: s@ext.test\r\nSubject: big\r\n\r\n" + ("z" * 100 + "\r\n") * 20 + ".\r\n")
             assert c.read_reply() == str(replies.MESSAGE_TOO_BIG)
         assert server.messages == []
     finally:
@@ -500,7 +500,7 @@ def test_recipient_limit(seeded_database: DatabaseSettings) -> None:
 def test_hop_count_limit_stops_mail_loops(seeded_database: DatabaseSettings) -> None:
     server = ServerThread(seeded_database, hopcount_limit=3)
     try:
-        body = "Received: from a\r\n" * 4 + "Subject: loop\r\n\r\nx\r\n"
+        body = "Received: from a\r\n" * 4 + "From: s@ext.test\r\nSubject: loop\r\n\r\nx\r\n"
         with pytest.raises(smtplib.SMTPDataError) as error:
             send(server, ["alice@example.org"], body=body)
         assert (error.value.smtp_code, error.value.smtp_error.decode()) == (554, "5.4.6 Error: too many hops")
@@ -631,7 +631,7 @@ def test_long_lines_count_once_against_the_size_limit(seeded_database: DatabaseS
         line = "w" * 5000
         with RawClient(server.host, server.port) as c:
             _start_data(c)
-            c.send(f"Subject: x\r\n\r\n{line}\r\n.\r\n")
+            c.send(f"From: s@ext.test\r\nSubject: x\r\n\r\n{line}\r\n.\r\n")
             assert c.read_reply().startswith("250")
         assert server.messages[0].content.endswith(line.encode() + b"\r\n")
     finally:
@@ -644,7 +644,7 @@ def test_dot_after_an_oversized_long_line_does_not_end_data(seeded_database: Dat
         with RawClient(server.host, server.port) as c:
             _start_data(c)
             # The long line's last piece is ".", its line end arrives on its own.
-            c.send("Subject: x\r\n\r\n" + "v" * 5000 + ".")
+            c.send("From: s@ext.test\r\nSubject: x\r\n\r\n" + "v" * 5000 + ".")
             time.sleep(0.2)
             c.send("\r\nmore\r\n.\r\n")
             assert c.read_reply() == str(replies.MESSAGE_TOO_BIG)

@@ -36,18 +36,26 @@ class MessageAuthenticator:
 
     async def inbound(self, content: bytes, client_ip: str, helo: str, mail_from: str,
                       trusted: bool = False) -> bytes:
+        """:meth:`verify_inbound` for callers that need only the message."""
+        content, _ = await self.verify_inbound(content, client_ip, helo, mail_from, trusted)
+        return content
+
+    async def verify_inbound(self, content: bytes, client_ip: str, helo: str, mail_from: str,
+                             trusted: bool = False) -> tuple[bytes, AuthVerdict | None]:
         """Strip forged results, verify, enforce policy, prepend our Authentication-Results.
 
         ``trusted`` clients (mynetworks) are verified and labelled but never
         refused by policy: they are our own submitters, like OpenDMARC's IgnoreHosts.
+        The verdict (None when verification is off) goes back to the caller
+        for the From-header policy.
         """
         if self.verifier is None:
-            return content
+            return content, None
         content = strip_forged_results(content, self.authserv_id)
         verdict = await self.verifier.verify(content, client_ip, helo, mail_from)
         if not trusted:
             self._enforce(verdict)
-        return verdict.header + content
+        return verdict.header + content, verdict
 
     def _enforce(self, verdict: AuthVerdict) -> None:
         if self.reject_dmarc_reject and verdict.dmarc_rejects:

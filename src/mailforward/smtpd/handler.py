@@ -19,9 +19,11 @@ from ..addresses import (Address, has_control_characters, is_sendable, normalize
                          parse_mailbox, strip_source_route)
 from ..aliases import NoDestination, expand_alias
 from ..auth.pipeline import MessageAuthenticator
+from ..auth.verify import AuthVerdict
 from ..config import ServerSettings
 from ..delivery.base import Delivery, Message, new_queue_id
 from ..errors import AddressError, AuthenticationRefused, TemporaryLookupError
+from ..from_field import read_from_field
 from ..srs import SrsError, SrsRewriter, is_srs_address
 from ..tables import LookupTable
 from . import policy, replies
@@ -39,13 +41,16 @@ IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 class SmtpHandler:
     def __init__(self, settings: ServerSettings, table: LookupTable, delivery: Delivery,
-                 srs: SrsRewriter | None = None, auth: MessageAuthenticator | None = None) -> None:
+                 srs: SrsRewriter | None = None, auth: MessageAuthenticator | None = None,
+                 own_domains: frozenset[str] = frozenset()) -> None:
         self.settings = settings
         self.table = table
         self.delivery = delivery
         self.srs = srs
         self.auth = auth
         self.srs_domain = normalize_domain(srs.domain) if srs is not None else ""
+        # Domains our envelope, signature or seal speaks for: not for strangers' From.
+        self.own_domains = frozenset(own_domains | ({self.srs_domain} - {""}))
         self.mynetworks: Sequence[IpNetwork] = [
             ipaddress.ip_network(n, strict=False) for n in settings.mynetworks]
         self.limits = ClientLimits(settings.client_connection_count_limit,
@@ -233,15 +238,33 @@ class SmtpHandler:
                        queue_id: str, content: bytes) -> Reply:
         """Verify, add our trace, rewrite the envelope (SRS), sign and seal, then deliver."""
         content = self._received_header(session, server, queue_id) + content
+        verdict = None
         if self.auth is not None:
-            content = await self.auth.inbound(content, session.client_ip, session.host_name,
-                                              envelope.mail_from, trusted=session.in_mynetworks)
+            content, verdict = await self.auth.verify_inbound(
+                content, session.client_ip, session.host_name, envelope.mail_from,
+                trusted=session.in_mynetworks)
+        refusal = await policy.run_checks(policy.FROM_CHECKS,
+                                          self._message_context(session, content, verdict))
+        if refusal is not None:
+            return refusal
         if self.auth is not None:
             content = await self.auth.outbound(content, session.client_ip)
         message = Message(queue_id, envelope.forward_sender, tuple(envelope.destinations),
                           content, session.client_ip, envelope.smtp_utf8,
                           original_sender=envelope.mail_from, aliases=dict(envelope.aliases))
         return await self.delivery.deliver(message)
+
+    def _message_context(self, session: ClientSession, content: bytes,
+                         verdict: AuthVerdict | None) -> policy.MessageContext:
+        authenticated: set[str] = set()
+        dmarc_pass = ""
+        if verdict is not None:
+            if verdict.spf.result == "pass" and verdict.spf.identity == "mailfrom":
+                authenticated.add(verdict.spf.domain)
+            authenticated.update(v.domain for v in verdict.dkim if v.result == "pass")
+            dmarc_pass = verdict.from_domain if verdict.dmarc == "pass" else ""
+        return policy.MessageContext(self.table, session.in_mynetworks, read_from_field(content),
+                                     self.own_domains, frozenset(authenticated), dmarc_pass)
 
     def _received_header(self, session: ClientSession, server: SmtpProtocol, queue_id: str) -> bytes:
         protocol = "ESMTP" if session.extended_smtp else "SMTP"

@@ -19,8 +19,11 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import TypeVar
 
 from ..addresses import Address, is_fqdn
+from ..auth.verify import org_domain
+from ..from_field import FromField, FromProblem
 from ..errors import TemporaryLookupError
 from ..tables import LookupTable
 from . import replies
@@ -56,10 +59,30 @@ class PolicyContext:
     recipient: Address | None = None
 
 
-Check = Callable[[PolicyContext], Awaitable[Verdict | Reply]]
+@dataclass(frozen=True)
+class MessageContext:
+    """What the From-header checks may look at, at the end of DATA.
+
+    ``authenticated`` holds the domains the message authenticated on arrival
+    (the SPF-passing MAIL FROM domain, each passing DKIM ``d=``); ``dmarc_pass``
+    is the From domain when our verifier computed DMARC pass for it.
+    ``own_domains`` are the domains our own SRS envelope, signature or seal
+    speaks for (``[srs] domain``, ``[dkim] sign_forwarded_as``, ``[arc] domain``).
+    """
+
+    table: LookupTable
+    in_mynetworks: bool
+    from_field: FromField
+    own_domains: frozenset[str] = frozenset()
+    authenticated: frozenset[str] = frozenset()
+    dmarc_pass: str = ""
 
 
-async def run_checks(checks: Sequence[Check], ctx: PolicyContext,
+C = TypeVar("C", PolicyContext, MessageContext)
+Check = Callable[[C], Awaitable[Verdict | Reply]]
+
+
+async def run_checks(checks: Sequence[Check[C]], ctx: C,
                      timeout: float = CHECK_TIMEOUT) -> Reply | None:
     """Run one phase; return the rejecting reply, or None when the phase passed."""
     for check in checks:
@@ -174,7 +197,67 @@ async def reject_unauth_destination(ctx: PolicyContext) -> Verdict | Reply:
     return replies.RELAY_DENIED.about(rcpt.as_written)
 
 
-HELO_CHECKS: tuple[Check, ...] = (permit_mynetworks, reject_invalid_helo_hostname)
-SENDER_CHECKS: tuple[Check, ...] = (permit_mynetworks, reject_srs_sender, reject_forged_local_sender)
-RELAY_CHECKS: tuple[Check, ...] = (reject_routed_address, reject_address_literal,
-                                   permit_mynetworks, reject_unauth_destination)
+# ---------------------------------------------------------------- From header (end of DATA)
+
+
+async def permit_mynetworks_message(ctx: MessageContext) -> Verdict | Reply:
+    """Our own submitters write what From they like, as with OpenDMARC's IgnoreHosts."""
+    return ACCEPT if ctx.in_mynetworks else CONTINUE
+
+
+async def reject_missing_from(ctx: MessageContext) -> Verdict | Reply:
+    """RFC 5322 3.6: From is required; without it no receiver can apply DMARC."""
+    return replies.FROM_MISSING if ctx.from_field.problem is FromProblem.MISSING else CONTINUE
+
+
+async def reject_repeated_from(ctx: MessageContext) -> Verdict | Reply:
+    """Two From fields: we would judge one, the recipient's MUA may show the other."""
+    return replies.FROM_REPEATED if ctx.from_field.problem is FromProblem.REPEATED else CONTINUE
+
+
+async def reject_invalid_from(ctx: MessageContext) -> Verdict | Reply:
+    """Not exactly one parseable mailbox (RFC 7489 6.6.1, OpenDMARC's RejectMultiValueFrom)."""
+    if ctx.from_field.problem is FromProblem.NOT_ONE_MAILBOX:
+        return replies.FROM_NOT_ONE_MAILBOX
+    return CONTINUE
+
+
+async def reject_unauthenticated_own_domain(ctx: MessageContext) -> Verdict | Reply:
+    """A From in one of our domains must have passed DMARC for it on arrival.
+
+    Our SRS envelope passes SPF for, and our signature aligns with, our own
+    domains: forwarding a stranger's mail that claims one of them would make a
+    receiver compute DMARC pass for a forgery.  A message the real owner of the
+    domain signed (aligned DKIM) is fine.
+    """
+    domain = ctx.from_field.domain
+    if not await _is_own_domain(ctx, domain):
+        return CONTINUE
+    if domain == ctx.dmarc_pass or any(org_domain(d) == org_domain(domain)
+                                       for d in ctx.authenticated):
+        return CONTINUE
+    return replies.own_domain_unauthenticated(domain)
+
+
+async def _is_own_domain(ctx: MessageContext, domain: str) -> bool:
+    """Shares its organizational domain with a domain we sign for, or is (under) a hosted one."""
+    organization = org_domain(domain)
+    if any(org_domain(own) == organization for own in ctx.own_domains):
+        return True
+    labels = domain.split(".")
+    candidates = [".".join(labels[i:]) for i in range(len(labels) - organization.count("."))]
+    for candidate in candidates:
+        if await ctx.table.domain_is_hosted(candidate):
+            return True
+    return False
+
+
+HELO_CHECKS: tuple[Check[PolicyContext], ...] = (permit_mynetworks,
+                                                 reject_invalid_helo_hostname)
+SENDER_CHECKS: tuple[Check[PolicyContext], ...] = (permit_mynetworks, reject_srs_sender,
+                                                   reject_forged_local_sender)
+RELAY_CHECKS: tuple[Check[PolicyContext], ...] = (reject_routed_address, reject_address_literal,
+                                                  permit_mynetworks, reject_unauth_destination)
+FROM_CHECKS: tuple[Check[MessageContext], ...] = (
+    permit_mynetworks_message, reject_missing_from, reject_repeated_from, reject_invalid_from,
+    reject_unauthenticated_own_domain)

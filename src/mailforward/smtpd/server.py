@@ -8,6 +8,7 @@ import signal
 import ssl
 
 from ..auth.pipeline import MessageAuthenticator, authenticator_from_settings
+from ..addresses import normalize_domain
 from ..config import Settings
 from ..delivery import build_delivery
 from ..delivery.base import Delivery
@@ -29,13 +30,20 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext | None:
     return context
 
 
+def signing_domains(settings: Settings) -> frozenset[str]:
+    """The domains our DKIM signature and ARC seal speak for (the SRS domain is added by the handler)."""
+    names = (settings.dkim.sign_forwarded_as, settings.arc.domain)
+    return frozenset(normalize_domain(name) for name in names if name)
+
+
 class MailServer:
     """The inbound side: listeners sharing one handler (so client limits are global)."""
 
     def __init__(self, settings: Settings, table: LookupTable, delivery: Delivery,
                  srs: SrsRewriter | None = None, auth: MessageAuthenticator | None = None) -> None:
         self.settings = settings
-        self.handler = SmtpHandler(settings.server, table, delivery, srs, auth)
+        self.handler = SmtpHandler(settings.server, table, delivery, srs, auth,
+                                   own_domains=signing_domains(settings))
         self.tls = tls_context(settings.server.tls_cert, settings.server.tls_key)
         self._servers: list[asyncio.Server] = []
 
