@@ -677,3 +677,21 @@ def test_each_destination_remembers_the_alias_the_sender_used(smtp_server: Serve
     assert message.aliases == {"a@sink.test": "multi@example.org",
                                "b@sink2.test": "multi@example.org",
                                "alice.dest@sink.test": "chain@example.org"}
+
+
+def test_8bit_helo_is_refused_with_a_printable_reply(smtp_server: ServerThread) -> None:
+    with RawClient(smtp_server.host, smtp_server.port) as c:
+        c.read_reply()
+        c.send(b"EHLO cli\xc3\xa9nt\xff.test\r\n")
+        c.read_reply()
+        c.command("MAIL FROM:<sender@ext.test>")
+        assert c.command("RCPT TO:<alice@example.org>") == str(
+            replies.INVALID_HELO.about("cli?nt?.test"))
+
+
+def test_8bit_etrn_argument_is_echoed_as_question_marks(smtp_server: ServerThread) -> None:
+    with RawClient(smtp_server.host, smtp_server.port) as c:
+        c.read_reply()
+        c.command("EHLO client.test")
+        c.send(b"ETRN \xff\xfe\r\n")
+        assert c.read_reply() == str(replies.ETRN_REFUSED.about("??"))

@@ -238,12 +238,16 @@ class SmtpHandler:
                        queue_id: str, content: bytes) -> Reply:
         """Verify, add our trace, rewrite the envelope (SRS), sign and seal, then deliver."""
         content = self._received_header(session, server, queue_id) + content
+        refusal = await policy.run_checks(policy.FROM_FIELD_CHECKS,
+                                          self._message_context(session, content, None))
+        if refusal is not None:
+            return refusal
         verdict = None
         if self.auth is not None:
             content, verdict = await self.auth.verify_inbound(
                 content, session.client_ip, session.host_name, envelope.mail_from,
                 trusted=session.in_mynetworks)
-        refusal = await policy.run_checks(policy.FROM_CHECKS,
+        refusal = await policy.run_checks(policy.FROM_OWNER_CHECKS,
                                           self._message_context(session, content, verdict))
         if refusal is not None:
             return refusal

@@ -258,6 +258,11 @@ SENDER_CHECKS: tuple[Check[PolicyContext], ...] = (permit_mynetworks, reject_srs
                                                    reject_forged_local_sender)
 RELAY_CHECKS: tuple[Check[PolicyContext], ...] = (reject_routed_address, reject_address_literal,
                                                   permit_mynetworks, reject_unauth_destination)
-FROM_CHECKS: tuple[Check[MessageContext], ...] = (
-    permit_mynetworks_message, reject_missing_from, reject_repeated_from, reject_invalid_from,
-    reject_unauthenticated_own_domain)
+# The field's shape is judged before verification (no DNS spent on a message
+# we refuse, and no verifier ever parses a From we could not); who may use our
+# domains needs the verdict, so it is judged after.
+FROM_FIELD_CHECKS: tuple[Check[MessageContext], ...] = (
+    permit_mynetworks_message, reject_missing_from, reject_repeated_from, reject_invalid_from)
+FROM_OWNER_CHECKS: tuple[Check[MessageContext], ...] = (
+    permit_mynetworks_message, reject_unauthenticated_own_domain)
+FROM_CHECKS = FROM_FIELD_CHECKS + FROM_OWNER_CHECKS[1:]

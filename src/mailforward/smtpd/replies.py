@@ -35,8 +35,18 @@ class Reply:
         return self.code >= 500
 
     def about(self, subject: str) -> Reply:
-        """The same reply about ``<subject>``, as Postfix prefixes restriction rejects."""
-        return Reply(self.code, self.status, f"<{subject}>: {self.text}")
+        """The same reply about ``<subject>``, as Postfix prefixes restriction rejects.
+
+        ``subject`` usually comes from the client: anything but printable ASCII
+        (8-bit, undecodable bytes, controls) is echoed as ``?``, as Postfix
+        does, so a reply can always be sent.
+        """
+        return Reply(self.code, self.status, f"<{printable(subject)}>: {self.text}")
+
+
+def printable(text: str) -> str:
+    """``text`` with every character outside printable ASCII replaced by ``?``."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 
 # --- success
