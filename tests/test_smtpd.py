@@ -137,8 +137,24 @@ def test_non_fqdn_recipient_is_relay_denied(smtp_server: ServerThread) -> None:
     assert rcpt_reply(smtp_server, "alice") == str(replies.RELAY_DENIED.about("alice"))
 
 
-def test_postmaster_without_domain_is_not_delivered_locally(smtp_server: ServerThread) -> None:
-    assert rcpt_reply(smtp_server, "postmaster").startswith("554 5.7.1")
+def test_postmaster_without_domain_and_nowhere_to_send_it_is_user_unknown(
+        smtp_server: ServerThread) -> None:
+    assert rcpt_reply(smtp_server, "postmaster") == str(replies.USER_UNKNOWN.about("postmaster"))
+
+
+@pytest.mark.parametrize("postmaster, destination", [
+    ("alice@example.org", "alice.dest@sink.test"),  # a hosted address: through the alias table
+    ("hostmaster@ops.test", "hostmaster@ops.test"),  # elsewhere: straight there
+])
+def test_postmaster_without_domain_goes_to_the_configured_postmaster(
+        seeded_database: DatabaseSettings, postmaster: str, destination: str) -> None:
+    server = ServerThread(seeded_database, postmaster=postmaster)
+    try:
+        assert rcpt_reply(server, "Postmaster") == str(replies.RECIPIENT_OK)
+        send(server, ["postmaster"])
+        assert server.messages[0].recipients == (destination,)
+    finally:
+        server.close()
 
 
 @pytest.mark.parametrize("trick", [

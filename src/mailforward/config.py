@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from .errors import ConfigError
+from .errors import AddressError, ConfigError
 
 DEFAULT_CONFIG_FILE = "mailforward.toml"
 ENV_PREFIX = "MAILFORWARD_"
@@ -60,6 +60,8 @@ class ServerSettings:
     tls_key: str = ""
     public_ips: tuple[str, ...] = ()
     forbid_bare_newline: str = "normalize"
+    postmaster: str = ""
+    listen_backlog: int = 1024
 
     def __post_init__(self) -> None:
         if self.forbid_bare_newline not in ("normalize", "reject"):
@@ -83,7 +85,13 @@ class ServerSettings:
         _positive(self, "server", "message_size_limit", "recipient_limit",
                   "client_connection_count_limit", "client_connection_rate_limit",
                   "client_connection_rate_time_unit", "command_timeout",
-                  "hard_error_limit", "hopcount_limit")
+                  "hard_error_limit", "hopcount_limit", "listen_backlog")
+        if self.postmaster:
+            from .addresses import parse_address
+            try:
+                parse_address(self.postmaster)
+            except AddressError as e:
+                raise ConfigError(f"[server] postmaster: {e}") from None
 
     def listen_addresses(self) -> list[tuple[str, int]]:
         return [parse_host_port(item, "[server] listen") for item in self.listen]

@@ -1,20 +1,18 @@
-"""The thin handler between the protocol engine and policy.
+"""The thin handler between the SMTP engine and policy.
 
-One method per SMTP phase.  Each parses what the protocol engine handed
-over, asks policy (``policy``, ``aliases``), and returns a ``Reply``.  The
-DATA phase hands the accepted transaction to the delivery interface, whose
-reply goes back to the client unchanged (pass-through acknowledgement).
+One method per SMTP phase (the engine's ``SessionHandler``).  Each parses
+what the engine handed over, asks policy (``policy``, ``aliases``), and
+returns a ``Reply``.  The DATA phase hands the accepted transaction to the
+delivery interface, whose reply goes back to the client unchanged
+(pass-through acknowledgement).
 """
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import ipaddress
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
 from ..addresses import (Address, has_control_characters, is_sendable, normalize_domain,
                          parse_mailbox, strip_source_route)
 from ..aliases import NoDestination, expand_alias
@@ -28,11 +26,9 @@ from ..srs import SrsError, SrsRewriter, is_srs_address
 from ..tables import LookupTable
 from . import policy, replies
 from .limits import ClientLimits
-from .protocol import ClientSession, Transaction
+from .parameters import apply_mail_parameters, recipient_dsn
 from .replies import Reply
-
-if TYPE_CHECKING:
-    from .protocol import SmtpProtocol
+from .session import ClientSession, RecipientDsn, Transaction
 
 log = logging.getLogger("mailforward.smtpd")
 
@@ -53,6 +49,8 @@ class SmtpHandler:
         self.own_domains = frozenset(own_domains | ({self.srs_domain} - {""}))
         self.mynetworks: Sequence[IpNetwork] = [
             ipaddress.ip_network(n, strict=False) for n in settings.mynetworks]
+        self.postmaster = settings.postmaster or (
+            f"postmaster@{self.srs_domain}" if self.srs_domain else "")
         self.limits = ClientLimits(settings.client_connection_count_limit,
                                    settings.client_connection_rate_limit,
                                    settings.client_connection_rate_time_unit)
@@ -66,11 +64,10 @@ class SmtpHandler:
             return False
         return any(address in net for net in self.mynetworks)
 
-    def client_connected(self, session: ClientSession, transport: asyncio.BaseTransport) -> Reply | None:
+    def connected(self, session: ClientSession, peer: tuple[str, int],
+                  local: tuple[str, int]) -> Reply | None:
         """Note who the client is; refuse it (421) when over its connection limits."""
-        peer = transport.get_extra_info("peername") or ("", 0)
-        sock = transport.get_extra_info("sockname") or ("", 0)
-        session.client_ip, session.local_ip = str(peer[0]), str(sock[0])
+        session.client_ip, session.local_ip = peer[0], local[0]
         session.in_mynetworks = self.in_mynetworks(session.client_ip)
         if not session.in_mynetworks and not self.limits.connect(session.client_ip):
             log.warning("client=%s refused: too many connections", session.client_ip)
@@ -78,14 +75,14 @@ class SmtpHandler:
         session.admitted = not session.in_mynetworks
         return None
 
-    def client_disconnected(self, session: ClientSession) -> None:
+    def disconnected(self, session: ClientSession) -> None:
         self.limits.disconnect(session.client_ip)
 
     # ------------------------------------------------------------ MAIL
 
-    async def handle_MAIL(self, server: SmtpProtocol, session: ClientSession, envelope: Transaction,
-                          path: str, params: list[str]) -> Reply:
-        refusal = self._check_mail_parameters(envelope, params)
+    async def mail(self, session: ClientSession, envelope: Transaction, path: str,
+                   params: list[str]) -> Reply:
+        refusal = apply_mail_parameters(envelope, params, self.settings.message_size_limit)
         if refusal is not None:
             return refusal
         if path:
@@ -106,33 +103,22 @@ class SmtpHandler:
         envelope.forward_sender = forward_sender
         return replies.SENDER_OK
 
-    def _check_mail_parameters(self, envelope: Transaction, params: list[str]) -> Reply | None:
-        for param in params:
-            name, _, value = param.partition("=")
-            name = name.upper()
-            if name == "SIZE" and value.isdigit():
-                if int(value) > self.settings.message_size_limit:
-                    return replies.MESSAGE_TOO_BIG_DECLARED
-            elif name == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
-                pass
-            elif name == "SMTPUTF8" and not value:
-                envelope.smtp_utf8 = True
-            else:
-                return replies.BAD_PARAMETER
-            envelope.mail_options.append(param)
-        return None
-
     # ------------------------------------------------------------ RCPT
 
-    async def handle_RCPT(self, server: SmtpProtocol, session: ClientSession, envelope: Transaction,
-                          path: str) -> Reply:
+    async def rcpt(self, session: ClientSession, envelope: Transaction, path: str,
+                   params: list[str]) -> Reply:
         if len(envelope.rcpt_tos) >= self.settings.recipient_limit:
             return replies.TOO_MANY_RECIPIENTS
+        dsn = recipient_dsn(params)
+        if isinstance(dsn, Reply):
+            return dsn
         if _needs_smtputf8(path) and not envelope.smtp_utf8:
             return replies.SMTPUTF8_REQUIRED
+        known = set(envelope.destinations)
         reply = await self._accept_recipient(session, envelope, path)
         if reply.is_success:
             envelope.rcpt_tos.append(path)
+            _remember_dsn(envelope, known, dsn)
         else:
             log.info("reject: RCPT from %s: %s; from=<%s> to=<%s> helo=<%s>", session.client_ip,
                      reply, envelope.mail_from, path, session.host_name)
@@ -151,6 +137,8 @@ class SmtpHandler:
                      or await policy.run_checks(policy.SENDER_CHECKS, ctx))
         if rejection is not None:
             return _about(rejection, mailbox)
+        if mailbox.lower() == "postmaster":
+            return await self._accept_postmaster(session, envelope, mailbox)
         if "@" not in mailbox:
             return replies.RELAY_DENIED.about(mailbox)  # not fully qualified: never ours
         try:
@@ -166,6 +154,26 @@ class SmtpHandler:
         if rejection is not None:
             return _about(rejection, recipient.as_written)
         return await self._resolve(session, envelope, recipient)
+
+    async def _accept_postmaster(self, session: ClientSession, envelope: Transaction,
+                                 mailbox: str) -> Reply:
+        """RFC 5321 4.5.1: ``<postmaster>`` with no domain MUST be accepted.
+
+        It goes to ``[server] postmaster`` (default: postmaster@ the SRS
+        domain), through the alias table when that domain is hosted.
+        """
+        if not self.postmaster:
+            return replies.USER_UNKNOWN.about(mailbox)
+        address = parse_mailbox(self.postmaster)
+        try:
+            hosted = await self.table.domain_is_hosted(address.domain)
+        except TemporaryLookupError:
+            return replies.TEMPORARY_LOOKUP_FAILURE.about(mailbox)
+        if not hosted:
+            _add_destinations(envelope, (str(address),), mailbox)
+            return replies.RECIPIENT_OK
+        reply = await self._resolve(session, envelope, address)
+        return reply if reply.is_success else replies.USER_UNKNOWN.about(mailbox)
 
     def _is_srs_recipient(self, recipient: Address) -> bool:
         return (self.srs is not None and recipient.domain == self.srs_domain
@@ -214,14 +222,13 @@ class SmtpHandler:
 
     # ------------------------------------------------------------ DATA
 
-    async def handle_DATA(self, server: SmtpProtocol, session: ClientSession, envelope: Transaction,
-                          content: bytes) -> Reply:
+    async def data(self, session: ClientSession, envelope: Transaction, content: bytes) -> Reply:
         queue_id = new_queue_id()
         if count_received_headers(content) > self.settings.hopcount_limit:
             reply = replies.TOO_MANY_HOPS
         else:
             try:
-                reply = await self._forward(server, session, envelope, queue_id, content)
+                reply = await self._forward(session, envelope, queue_id, content)
             except AuthenticationRefused as refusal:
                 reply = replies.reply_for_error(refusal)
             except Exception as error:
@@ -234,10 +241,10 @@ class SmtpHandler:
                  f"{reply.code} {reply.status}")
         return reply
 
-    async def _forward(self, server: SmtpProtocol, session: ClientSession, envelope: Transaction,
-                       queue_id: str, content: bytes) -> Reply:
+    async def _forward(self, session: ClientSession, envelope: Transaction, queue_id: str,
+                       content: bytes) -> Reply:
         """Verify, add our trace, rewrite the envelope (SRS), sign and seal, then deliver."""
-        content = self._received_header(session, server, queue_id) + content
+        content = self._received_header(session, envelope, queue_id) + content
         refusal = await policy.run_checks(policy.FROM_FIELD_CHECKS,
                                           self._message_context(session, content, None))
         if refusal is not None:
@@ -270,9 +277,13 @@ class SmtpHandler:
         return policy.MessageContext(self.table, session.in_mynetworks, read_from_field(content),
                                      self.own_domains, frozenset(authenticated), dmarc_pass)
 
-    def _received_header(self, session: ClientSession, server: SmtpProtocol, queue_id: str) -> bytes:
+    def _received_header(self, session: ClientSession, envelope: Transaction,
+                         queue_id: str) -> bytes:
+        """Our trace field; ``with`` as registered for RFC 3848 and RFC 6531 (UTF8SMTP)."""
         protocol = "ESMTP" if session.extended_smtp else "SMTP"
-        if session.ssl is not None:
+        if envelope.smtp_utf8:
+            protocol = "UTF8SMTP"
+        if session.tls:
             protocol += "S"
         helo = session.host_name.encode("utf-8", "surrogateescape").decode("ascii", "replace")
         return (f"Received: from {helo} ([{session.client_ip}])\r\n"
@@ -286,6 +297,14 @@ def _add_destinations(envelope: Transaction, destinations: Sequence[str], alias:
         if dest not in envelope.destinations:
             envelope.destinations.append(dest)
             envelope.aliases[dest] = alias
+
+
+def _remember_dsn(envelope: Transaction, known: set[str], dsn: RecipientDsn) -> None:
+    """The RCPT's DSN parameters apply to every destination it added."""
+    if dsn.notify or dsn.orcpt:
+        for dest in envelope.destinations:
+            if dest not in known:
+                envelope.dsn[dest] = dsn
 
 
 def _needs_smtputf8(path: str) -> bool:

@@ -8,45 +8,10 @@ replies here and nowhere else (:func:`reply_for_error`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ..errors import DmarcRejected, SpfRejected, TemporaryLookupError
+from ..reply import Reply, printable
 
-
-@dataclass(frozen=True)
-class Reply:
-    code: int
-    status: str  # enhanced status code, "" only for 220/354 style replies
-    text: str
-
-    def __str__(self) -> str:
-        return " ".join(part for part in (str(self.code), self.status, self.text) if part)
-
-    @property
-    def is_success(self) -> bool:
-        return self.code < 400
-
-    @property
-    def is_temporary(self) -> bool:
-        return 400 <= self.code < 500
-
-    @property
-    def is_permanent(self) -> bool:
-        return self.code >= 500
-
-    def about(self, subject: str) -> Reply:
-        """The same reply about ``<subject>``, as Postfix prefixes restriction rejects.
-
-        ``subject`` usually comes from the client: anything but printable ASCII
-        (8-bit, undecodable bytes, controls) is echoed as ``?``, as Postfix
-        does, so a reply can always be sent.
-        """
-        return Reply(self.code, self.status, f"<{printable(subject)}>: {self.text}")
-
-
-def printable(text: str) -> str:
-    """``text`` with every character outside printable ASCII replaced by ``?``."""
-    return "".join(c if " " <= c <= "~" else "?" for c in text)
+__all__ = ["Reply", "printable"]  # re-exported: the value type lives in ``mailforward.reply``
 
 
 # --- success
@@ -97,6 +62,13 @@ SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Error: SMTPUTF8 is required for this ad
 UNFORWARDABLE_SENDER = Reply(553, "5.1.7", "Sender address rejected: cannot be forwarded")
 BARE_CARRIAGE_RETURN = Reply(521, "5.5.2", "Error: bare <CR> received")
 ARGUMENT_NOT_ALLOWED = Reply(501, "5.5.4", "Syntax: command takes no argument")
+BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT count [LAST]")
+BDAT_EXPECTED = Reply(503, "5.5.1", "Error: BDAT in progress: only BDAT, RSET, NOOP or QUIT")
+FORBIDDEN_COMMAND = Reply(221, "2.7.0", "Error: I can break rules, too. Goodbye.")
+
+
+def chunk_received(size: int) -> Reply:
+    return Reply(250, "2.0.0", f"Ok: {size} bytes")
 
 # --- limits
 MESSAGE_TOO_BIG_DECLARED = Reply(552, "5.3.4", "Message size exceeds fixed limit")

@@ -14,8 +14,8 @@ from ..delivery import build_delivery
 from ..delivery.base import Delivery
 from ..srs import SrsRewriter, rewriter_from_settings
 from ..tables import LookupTable, open_table
+from .engine import EngineSettings, SmtpConnection, Wire
 from .handler import SmtpHandler
-from .protocol import SmtpProtocol
 
 log = logging.getLogger("mailforward.smtpd")
 
@@ -45,22 +45,29 @@ class MailServer:
         self.handler = SmtpHandler(settings.server, table, delivery, srs, auth,
                                    own_domains=signing_domains(settings))
         self.tls = tls_context(settings.server.tls_cert, settings.server.tls_key)
+        server = settings.server
+        self.engine = EngineSettings(server.hostname, server.message_size_limit,
+                                     server.command_timeout, server.hard_error_limit,
+                                     server.forbid_bare_newline)
         self._servers: list[asyncio.Server] = []
+        self._sessions: set[asyncio.Task[None]] = set()
 
-    def _protocol(self) -> SmtpProtocol:
-        server = self.settings.server
-        return SmtpProtocol(self.handler, hostname=server.hostname,
-                            message_size_limit=server.message_size_limit,
-                            timeout=server.command_timeout,
-                            hard_error_limit=server.hard_error_limit, tls_context=self.tls,
-                            bare_newline=server.forbid_bare_newline)
+    def _wire(self) -> Wire:
+        return Wire(self._start_session)
+
+    def _start_session(self, wire: Wire) -> None:
+        connection = SmtpConnection(self.handler, self.engine, self.tls, wire)
+        task = asyncio.get_running_loop().create_task(connection.run())
+        self._sessions.add(task)
+        task.add_done_callback(self._sessions.discard)
 
     async def start(self) -> list[tuple[str, int]]:
         """Bind every listen address; return the bound (host, port) pairs."""
         loop = asyncio.get_running_loop()
         bound = []
         for host, port in self.settings.server.listen_addresses():
-            server = await loop.create_server(self._protocol, host, port)
+            server = await loop.create_server(self._wire, host, port,
+                                              backlog=self.settings.server.listen_backlog)
             self._servers.append(server)
             bound.append(server.sockets[0].getsockname()[:2])
         return bound
@@ -68,6 +75,10 @@ class MailServer:
     async def stop(self) -> None:
         for server in self._servers:
             server.close()
+        for task in list(self._sessions):
+            task.cancel()
+        if self._sessions:
+            await asyncio.wait(list(self._sessions), timeout=5)
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
@@ -84,7 +95,6 @@ async def wait_for_signal() -> None:
 
 async def run(settings: Settings) -> None:
     """``mailforward serve``: listen until SIGTERM or SIGINT."""
-    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's chatter, never content
     srs = rewriter_from_settings(settings.srs)
     if srs is None:
         log.warning("SRS is off ([srs] domain unset): forwarded mail will fail SPF at its destination")
