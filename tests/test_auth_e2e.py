@@ -34,6 +34,8 @@ bank.test.         300 IN TXT "v=spf1 ip4:192.0.2.1 -all"
 _dmarc.bank.test.  300 IN TXT "v=DMARC1; p=reject"
 lax.test.          300 IN TXT "v=spf1 ip4:192.0.2.1 -all"
 _dmarc.lax.test.   300 IN TXT "v=DMARC1; p=none"
+upstream.test.     300 IN TXT "v=spf1 ip4:192.0.2.1 -all"
+_dmarc.upstream.test. 300 IN TXT "v=DMARC1; p=reject"
 """
 
 
@@ -174,3 +176,27 @@ def test_world_readable_key_stops_the_server_naming_the_file(tmp_path: Path) -> 
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert key.path in result.stderr
+
+
+def test_forged_results_with_a_trailing_dot_in_our_id_are_removed(world: World) -> None:
+    forged = f"Authentication-Results: {HOSTNAME.upper()}.; dmarc=pass header.from=bank.test\r\n"
+    world.send("sender@ext.test", message("Sender <sender@ext.test>", extra=forged))
+    assert b"header.from=bank.test" not in world.arrived()
+
+
+def signed_by_upstream(world: World, content: bytes) -> bytes:
+    """Signed by upstream.test (p=reject, SPF authorises 192.0.2.1 only, not us)."""
+    signature: bytes = dkim.sign(content, b"arc", b"upstream.test", world.upstream.private_pem)
+    return signature.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") + content
+
+
+def test_signed_mail_with_an_obsolete_header_is_forwarded_signed_and_sealed(
+        world: World) -> None:
+    signed = signed_by_upstream(world, message("Boss <boss@upstream.test>"))
+    received = signed.replace(b"Subject: e2e\r\n", b"Subject: e2e\r\nX-Spaces  :   value\r\n")
+    assert world.send("boss@upstream.test", received) == {}
+    arrived = world.arrived()
+    assert arrived.endswith(received)
+    assert sorted(mail_dkim_verify(arrived, world.dns.port)) == [("pass", "example.org"),
+                                                                   ("pass", "upstream.test")]
+    assert mail_dkim_verify_arc(arrived, world.dns.port) == "pass"

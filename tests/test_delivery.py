@@ -20,12 +20,18 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from mailforward.delivery.base import Message
-from mailforward.delivery.client import ClientSettings
-from mailforward.delivery.passthrough import PassThroughDelivery, Router
-from mailforward.delivery.retry import RetryPolicy
+from mailforward.delivery.base import Message, new_queue_id
+from mailforward.delivery.client import (
+    ACCEPTED,
+    UNWRITABLE_RECIPIENT,
+    UNWRITABLE_SENDER,
+    ClientSettings,
+)
+from mailforward.delivery.passthrough import TIMED_OUT, PassThroughDelivery, Router
+from mailforward.delivery.retry import RetryPolicy, RetryScheduler
 from mailforward.delivery.routing import MxRouter
-from mailforward.delivery.spool import Spool
+from mailforward.delivery.spool import Spool, SpoolError
+from mailforward.smtpd.replies import Reply
 
 from certs import write_self_signed
 from dns_server import LoopbackDNSServer, ZoneResolver
@@ -280,3 +286,114 @@ async def test_destination_without_starttls_gets_the_message_in_plain_text(
         delivery: PassThroughDelivery, world: dict[str, Any]) -> None:
     assert (await delivery.deliver(message("x@ok.test"))).code == 250
     assert world["sink"].encrypted == [False]
+
+
+# ---------------------------------------------------------------- what cannot be sent, what raises
+
+
+@pytest.mark.parametrize("sender", ["a b@ext.test", "a\x1bb@ext.test", "a@b@ext.test",
+                                    "a\u00a0b@ext.test"])
+async def test_sender_that_cannot_be_written_fails_permanently_with_553_5_1_7(
+        delivery: PassThroughDelivery, sender: str) -> None:
+    reply = await delivery.deliver(message("a@ok.test", sender=sender))
+    assert reply == UNWRITABLE_SENDER
+    assert spooled(delivery) == []  # refused back to the sender, never parked in the spool
+
+
+async def test_recipient_that_cannot_be_written_fails_permanently_with_553_5_1_3(
+        delivery: PassThroughDelivery) -> None:
+    outcomes = await delivery.attempt(message("c d@ok.test"), ["c d@ok.test"], timeout=5)
+    assert outcomes == {"c d@ok.test": UNWRITABLE_RECIPIENT.about("c d@ok.test")}
+
+
+async def test_other_recipients_of_the_domain_are_delivered_despite_one_unwritable(
+        delivery: PassThroughDelivery, world: dict[str, Any]) -> None:
+    outcomes = await delivery.attempt(message("a@ok.test", "c d@ok.test"),
+                                      ["a@ok.test", "c d@ok.test"], timeout=5)
+    assert outcomes["a@ok.test"] == ACCEPTED
+    assert world["sink"].envelopes[-1][1] == ["a@ok.test"]
+
+
+@pytest.fixture
+def misconfigured(world: dict[str, Any], tmp_path: Path) -> PassThroughDelivery:
+    """Every attempt raises: the relay host is not valid relayhost syntax (ConfigError)."""
+    router = Router(MxRouter([world["nameserver"]], port=world["port"], timeout=2),
+                    relay_host="[unclosed")
+    return PassThroughDelivery(router, Spool(tmp_path / "spool"), ClientSettings("mx.test", 2, 5),
+                               RetryPolicy(), "mx.test", passthrough_timeout=1.5)
+
+
+INTERNAL_CONFIG_ERROR = Reply(451, "4.3.0", "internal error (ConfigError)")
+
+
+async def test_unexpected_error_is_451_4_3_0_naming_only_the_exception_type(
+        misconfigured: PassThroughDelivery) -> None:
+    reply = await misconfigured.deliver(message("a@ok.test"))
+    assert reply == INTERNAL_CONFIG_ERROR
+
+
+async def test_unexpected_error_is_never_reported_as_a_timeout(
+        misconfigured: PassThroughDelivery) -> None:
+    outcomes = await misconfigured.attempt(message("a@ok.test"), ["a@ok.test"], timeout=5)
+    assert TIMED_OUT not in outcomes.values()
+
+
+async def test_spooled_message_whose_attempt_raised_records_the_true_reason(
+        misconfigured: PassThroughDelivery) -> None:
+    now = time.time()
+    misconfigured.spool.put(message("a@ok.test"), ["a@ok.test"], now, now)
+    scheduler = RetryScheduler(misconfigured.spool, misconfigured.retry_policy,
+                               misconfigured.attempt_spooled, misconfigured.bounce)
+    await scheduler.run_once(now)
+    assert misconfigured.spool.get("ABCDEF0123").errors == {"a@ok.test": str(INTERNAL_CONFIG_ERROR)}
+
+
+async def test_traceback_of_an_unexpected_error_is_logged_once_not_on_every_retry(
+        misconfigured: PassThroughDelivery, caplog: pytest.LogCaptureFixture) -> None:
+    queue_id = new_queue_id()
+    now = time.time()
+    msg = Message(queue_id, "sender@ext.test", ("a@ok.test",), CONTENT)
+    misconfigured.spool.put(msg, msg.recipients, now, now)
+    scheduler = RetryScheduler(misconfigured.spool, misconfigured.retry_policy,
+                               misconfigured.attempt_spooled, misconfigured.bounce)
+    for later in (0, 3600, 7200):
+        await scheduler.run_once(now + later)
+    tracebacks = [r for r in caplog.records if r.exc_info and queue_id in r.getMessage()]
+    assert len(tracebacks) == 1 and tracebacks[0].levelname == "ERROR"
+
+
+async def test_acceptance_counts_even_when_recording_it_fails(
+        delivery: PassThroughDelivery) -> None:
+    async def unrecordable(accepted: list[str]) -> None:
+        raise SpoolError("cannot write spool file: disk full")
+
+    outcomes = await delivery.attempt(message("a@ok.test"), ["a@ok.test"], timeout=None,
+                                      on_delivered=unrecordable)
+    assert outcomes == {"a@ok.test": ACCEPTED}  # deferring it would deliver it twice
+
+
+class OddSizeSink(BehaviourSink):
+    """Advertises ``SIZE ²``: a digit to str.isdigit(), not to int()."""
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        return [("250-SIZE \u00b2" if r.startswith("250-SIZE") else r) for r in responses]
+
+
+async def test_size_the_next_hop_writes_with_non_ascii_digits_is_ignored(
+        world: dict[str, Any], tmp_path: Path) -> None:
+    sink = OddSizeSink()
+    controller = Controller(sink, hostname="127.0.0.1", port=_port_free_on(["127.0.0.1"]),
+                            data_size_limit=1000)
+    controller.start()
+    try:
+        router = Router(MxRouter([world["nameserver"]], port=world["port"], timeout=2),
+                        relay_host=f"[127.0.0.1]:{controller.port}")
+        delivery = PassThroughDelivery(router, Spool(tmp_path / "spool"),
+                                       ClientSettings("mx.test", 2, 5), RetryPolicy(), "mx.test",
+                                       passthrough_timeout=5)
+        assert (await delivery.deliver(message("a@ok.test"))).code == 250
+        assert [rcpts for _, rcpts, _ in sink.envelopes] == [["a@ok.test"]]  # not parked
+    finally:
+        controller.stop()

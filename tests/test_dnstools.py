@@ -19,8 +19,9 @@ from mailforward.admin import Admin
 from mailforward.auth.dkim import DkimKey, generate_key
 from mailforward.cli import main
 from mailforward.config import Settings, build_settings, load_settings
-from mailforward.delivery.routing import make_resolver
-from mailforward.dnstools import (SPF_TOO_MANY_LOOKUPS, Record, check_ptr, dmarc_problem,
+from mailforward.auth.dmarc import parse_record
+from mailforward.dns import make_resolver
+from mailforward.dnstools import (DEDICATED_DOMAIN_ITEM, SPF_TOO_MANY_LOOKUPS, Record, check_ptr,
                                   records_for, spf_value)
 from mailforward.tables import open_admin_database
 
@@ -62,7 +63,8 @@ def database(tmp_path: Path) -> str:
 
 
 def write_config(tmp_path: Path, database: str, nameserver: str, key_dir: Path,
-                 public_ips: str = f'["{PUBLIC_IP}"]', srs: str = SRS_DOMAIN) -> Path:
+                 public_ips: str = f'["{PUBLIC_IP}"]', srs: str = SRS_DOMAIN,
+                 dkim_extra: str = "", extra: str = "") -> Path:
     config = tmp_path / "mailforward.toml"
     config.write_text(f"""
 [server]
@@ -83,6 +85,8 @@ domain = "{srs}"
 [dkim]
 keys = ["sel._domainkey.{DOMAIN} {DOMAIN}:sel:{key_dir / 'sel.private'}"]
 signing = ["*@{DOMAIN} sel._domainkey.{DOMAIN}"]
+{dkim_extra}
+{extra}
 """)
     return config
 
@@ -187,15 +191,15 @@ def test_check_passes_every_item_on_the_zone_dns_prints(check: Check, zone: str)
     assert result.exit_code == 0, result.output
     items = [line.split(" — ")[0] for line in result.output.splitlines()[:-1]]
     assert items == ["✓ MX", "✓ SPF", "✓ SPF (SRS domain)", "✓ DMARC", "✓ DKIM sel",
-                     "✓ database", "✓ PTR"]
-    assert result.output.splitlines()[-1] == "all 7 checks passed"
+                     "✓ database", "✓ PTR", f"✓ {DEDICATED_DOMAIN_ITEM}"]
+    assert result.output.splitlines()[-1] == "all 8 checks passed"
 
 
 def test_check_json_reports_ok_and_one_object_per_item(check: Check, zone: str) -> None:
     report = json.loads(check_json(check, zone).output)
     assert report["ok"] is True
-    assert len(report["checks"]) == 7
-    assert set(report["checks"][0]) == {"item", "ok", "reason"}
+    assert len(report["checks"]) == 8
+    assert set(report["checks"][0]) == {"item", "ok", "reason", "warning"}
 
 
 # ---------------------------------------------------------------- check: one broken item each
@@ -335,12 +339,12 @@ def test_check_with_a_bad_domain_exits_2(check: Check) -> None:
 
 
 def test_dmarc_without_policy_is_malformed() -> None:
-    assert dmarc_problem("v=DMARC1; rua=mailto:d@example.org") == \
+    assert parse_record("v=DMARC1; rua=mailto:d@example.org").problem == \
         "the p= tag (none, quarantine or reject) is missing"
 
 
 def test_dmarc_must_start_with_the_version_tag() -> None:
-    assert dmarc_problem("p=none; v=DMARC1") == "the first tag must be v=DMARC1"
+    assert parse_record("p=none; v=DMARC1").problem == "the first tag must be v=DMARC1"
 
 
 async def test_ptr_whose_hostname_does_not_resolve_back_fails_fcrdns() -> None:
@@ -350,3 +354,64 @@ async def test_ptr_whose_hostname_does_not_resolve_back_fails_fcrdns() -> None:
         result = await check_ptr(make_resolver([server.nameserver], 2), HOSTNAME, [PUBLIC_IP])
     assert result.reason == (f"{HOSTNAME} does not resolve back to {PUBLIC_IP}: add "
                              f"'{HOSTNAME}. A {PUBLIC_IP}'")
+
+
+# ---------------------------------------------------------------- a dedicated forwarding domain
+
+
+def warnings_of(result: Result) -> dict[str, str]:
+    """Warning items from ``--json`` output: item -> reason."""
+    report = json.loads(result.output)
+    return {c["item"]: c["reason"] for c in report["checks"] if c["warning"]}
+
+
+def test_dns_warns_when_the_srs_domain_is_the_hosted_domain(check: Check) -> None:
+    result = check("", "dns", DOMAIN, srs=DOMAIN)
+    assert result.exit_code == 0
+    assert f"; WARNING: [srs] domain {DOMAIN} is the hosted domain {DOMAIN}: " in result.output
+
+
+def test_dns_warns_when_sign_forwarded_as_shares_the_hosted_organizational_domain(
+        check: Check, dkim_keys: tuple[DkimKey, DkimKey]) -> None:
+    key = dkim_keys[0]
+    result = check("", "dns", f"mail.{DOMAIN}", "--json",
+                   dkim_extra=f'sign_forwarded_as = "{DOMAIN}"')
+    assert json.loads(result.output)["warnings"] == [(
+        f"[dkim] sign_forwarded_as {key.domain} shares its organizational domain with the "
+        f"hosted domain mail.{DOMAIN}: every forwarded message carries a valid signature for "
+        f"it, so mail forged as From: someone@mail.{DOMAIN} would pass DMARC at the "
+        "destination; use a dedicated domain no user writes From in, e.g. fwd.example.net "
+        "when you host example.org")]
+
+
+def test_dns_warns_when_the_arc_domain_is_the_hosted_domain(check: Check) -> None:
+    result = check("", "dns", DOMAIN, extra=f'[arc]\ndomain = "{DOMAIN}"\nselector = "sel"')
+    assert f"; WARNING: [arc] domain {DOMAIN} is the hosted domain {DOMAIN}: " in result.output
+
+
+def test_dns_does_not_warn_about_a_dedicated_srs_domain(check: Check) -> None:
+    assert "WARNING" not in check("", "dns", DOMAIN).output
+
+
+def test_check_reports_a_hosted_srs_domain_as_a_warning_not_a_failure(
+        check: Check, zone: str) -> None:
+    result = check(zone, srs=DOMAIN)
+    assert result.exit_code == 0
+    assert f"! {DEDICATED_DOMAIN_ITEM} — [srs] domain {DOMAIN} is the hosted domain" \
+        in result.output
+
+
+def test_check_warns_when_the_srs_domain_is_another_hosted_domain(
+        check: Check, zone: str) -> None:
+    assert check(zone, "domain", "add", "other.example").exit_code == 0
+    reasons = warnings_of(check_json(check, zone, srs="fwd.other.example"))
+    assert reasons[DEDICATED_DOMAIN_ITEM].startswith(
+        "[srs] domain fwd.other.example shares its organizational domain with the hosted "
+        "domain other.example")
+
+
+def test_check_passes_the_dedicated_domain_item_for_a_dedicated_srs_domain(
+        check: Check, zone: str) -> None:
+    report = json.loads(check_json(check, zone).output)
+    item, = [c for c in report["checks"] if c["item"] == DEDICATED_DOMAIN_ITEM]
+    assert (item["ok"], item["warning"]) == (True, False)

@@ -209,3 +209,60 @@ def test_expiry_reason_is_status_4_4_7() -> None:
 def test_reason_without_status_is_5_0_0() -> None:
     [(_, status, _)] = failures_from_reasons({"b@x": "something broke"})
     assert status == "5.0.0"
+
+
+# --- privacy: the sender learns the alias it used, never the forwarding target
+
+TARGET = "private.box@target.test"
+ALIAS = "friend@alias.test"
+TARGET_REPLY = f"550 5.1.1 <{TARGET}>: Recipient address rejected"
+
+
+def build_forwarded(content: bytes = ORIGINAL, original_sender: str = "alice@example.org") -> bytes:
+    """A DSN for ``ALIAS`` -> ``TARGET``, forwarded with an SRS envelope sender."""
+    original = Message("ABC123", "SRS0=ab=CD=example.org=alice@fwd.test", (TARGET,), content,
+                       original_sender=original_sender, aliases={TARGET: ALIAS})
+    return build_dsn(reporting_mta="mx.example.net", original=original,
+                     failures=[(TARGET, "5.1.1", TARGET_REPLY)], now=T0)
+
+
+def test_final_recipient_is_the_alias() -> None:
+    assert status_blocks(build_forwarded())[1]["Final-Recipient"] == f"rfc822; {ALIAS}"
+
+
+def test_original_recipient_is_the_alias() -> None:
+    assert status_blocks(build_forwarded())[1]["Original-Recipient"] == f"rfc822; {ALIAS}"
+
+
+def test_diagnostic_code_names_the_alias_not_the_target() -> None:
+    block = status_blocks(build_forwarded())[1]
+    assert " ".join(block["Diagnostic-Code"].split()) == (
+        f"smtp; 550 5.1.1 <{ALIAS}>: Recipient address rejected")
+
+
+def test_human_readable_part_names_the_alias() -> None:
+    text = decoded(parts(build_forwarded())[0]).decode()
+    assert f"<{ALIAS}>: 550 5.1.1 <{ALIAS}>: Recipient address rejected" in text
+
+
+def test_returned_headers_do_not_name_the_target() -> None:
+    content = f"To: {TARGET.upper()}\r\nSubject: s\r\n\r\nbody\r\n".encode()
+    assert decoded(parts(build_forwarded(content))[2]) == f"To: {ALIAS}\r\nSubject: s\r\n".encode()
+
+
+def test_target_appears_nowhere_in_a_dsn() -> None:
+    assert TARGET.encode() not in build_forwarded().lower()
+
+
+def test_dsn_is_addressed_to_the_sender_as_the_client_gave_it_not_the_srs_address() -> None:
+    assert parse(build_forwarded())["To"] == "alice@example.org"
+
+
+def test_dsn_to_a_utf8_sender_names_it_in_utf8_not_in_an_encoded_word() -> None:
+    data = build_forwarded(original_sender="s\u00e9nder@sender.test")
+    assert b"\r\nTo: s\xc3\xa9nder@sender.test\r\n" in data
+
+
+def test_sender_with_a_line_break_cannot_add_a_header_to_the_dsn() -> None:
+    data = build_forwarded(original_sender="a@b.test\r\nBcc: victim@c.test")
+    assert b"\r\nBcc:" not in data

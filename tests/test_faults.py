@@ -36,7 +36,7 @@ from dns_server import LoopbackDNSServer, ZoneResolver
 from smtp_harness import HOSTNAME, RawClient, free_port
 from test_queue import _start_serve
 
-BODY = b"Subject: fault test\r\n\r\nbody\r\n"
+BODY = b"From: sender@ext.test\r\nSubject: fault test\r\n\r\nbody\r\n"
 
 
 class FaultSink:
@@ -235,3 +235,55 @@ def test_stopped_dns_server_is_451_over_the_socket(tmp_path: Path,
     finally:
         served.stop()
 
+
+
+# ---------------------------------------------------------------- UTF-8 and privacy, end to end
+
+
+class EchoingSink(FaultSink):
+    """Offers SMTPUTF8; refuses ``nosuch*`` as Postfix does, naming the address."""
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          options: list[str]) -> str:
+        if address.startswith("nosuch"):
+            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+        return await super().handle_RCPT(server, session, envelope, address, options)
+
+
+@pytest.fixture
+def utf8_relayed(tmp_path: Path, database: DatabaseSettings) -> Iterator[tuple[Served, FaultSink]]:
+    async def add_aliases() -> None:
+        db = await open_admin_database(database)
+        await Admin(db).add_alias("j\u00f6s\u00e9@example.org", "\u00fcn\u00ef@dest.test")
+        await Admin(db).add_alias("private@example.org", "nosuch.box@dest.test")
+        await db.close()
+    asyncio.run(add_aliases())
+    handler = EchoingSink()
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port(), enable_SMTPUTF8=True)
+    controller.start()
+    port = free_port()
+    served = Served(write_config(tmp_path, database, port,
+                                 f'relay_host = "[127.0.0.1]:{controller.port}"\n'), port)
+    yield served, handler
+    served.stop()
+    controller.stop()
+
+
+def test_utf8_sender_to_a_utf8_destination_is_delivered_over_the_socket(
+        utf8_relayed: tuple[Served, FaultSink]) -> None:
+    served, sink = utf8_relayed
+    with smtplib.SMTP("127.0.0.1", served.port, local_hostname="client.test", timeout=30) as client:
+        refused = client.sendmail("s\u00e9nder@sender.test", ["j\u00f6s\u00e9@example.org"],
+                                  BODY, mail_options=["SMTPUTF8"])
+    assert refused == {}
+    assert sink.envelopes == [["\u00fcn\u00ef@dest.test"]] and pending(served) == []
+
+
+def test_downstream_refusal_over_the_socket_names_the_alias_not_the_target(
+        utf8_relayed: tuple[Served, FaultSink]) -> None:
+    served, _ = utf8_relayed
+    with (smtplib.SMTP("127.0.0.1", served.port, local_hostname="client.test", timeout=30) as client,
+          pytest.raises(smtplib.SMTPDataError) as refused):
+        client.sendmail("sender@ext.test", ["private@example.org"], BODY)
+    assert (refused.value.smtp_code, refused.value.smtp_error) == (
+        550, b"5.1.1 <private@example.org>: Recipient address rejected: User unknown")

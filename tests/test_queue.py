@@ -80,6 +80,58 @@ def test_queue_unknown_id_exits_2(tmp_path: Path) -> None:
     assert _queue(tmp_path / "spool", "delete", "NOPE0000").exit_code == 2
 
 
+# ---------------------------------------------------------------- hostile envelopes
+
+ESC = "\x1b"
+HOSTILE_SENDER = f"{ESC}]0;pwned\x07{ESC}[2Jx@ext.test"  # set the title, clear the screen
+
+
+def _spool_hostile(directory: Path, sender: str = HOSTILE_SENDER,
+                   rcpt: str = "c@dest.test", error: str = "451 4.2.0 busy") -> str:
+    message = Message("BAD0000001", sender, (rcpt,), b"Subject: s\r\n\r\nbody\r\n")
+    Spool(directory).put(message, [rcpt], time.time(), time.time() + 300, errors={rcpt: error})
+    return message.queue_id
+
+
+def test_queue_list_escapes_terminal_escapes_in_the_sender(tmp_path: Path) -> None:
+    _spool_hostile(tmp_path / "spool")
+    output = _queue(tmp_path / "spool", "list").output
+    assert ESC not in output and "\x07" not in output
+    assert "<\\x1b]0;pwned\\x07\\x1b[2Jx@ext.test>" in output
+
+
+def test_queue_show_escapes_del_and_c1_controls_in_recipients(tmp_path: Path) -> None:
+    qid = _spool_hostile(tmp_path / "spool", rcpt="a\x7fb\x9bc@dest.test")
+    output = _queue(tmp_path / "spool", "show", qid).output
+    assert "pending:   <a\\x7fb\\xc2\\x9bc@dest.test>" in output
+
+
+def test_queue_show_escapes_control_characters_in_reasons(tmp_path: Path) -> None:
+    qid = _spool_hostile(tmp_path / "spool", error=f"550 5.1.1 {ESC}[31mred\r\nline")
+    output = _queue(tmp_path / "spool", "show", qid).output
+    assert "550 5.1.1 \\x1b[31mred\\x0d\\x0aline" in output
+
+
+def test_queue_show_escapes_bytes_that_were_not_utf8(tmp_path: Path) -> None:
+    undecodable = b"\xff\xfeuser@ext.test".decode("utf-8", "surrogateescape")
+    qid = _spool_hostile(tmp_path / "spool", sender=undecodable)
+    output = _queue(tmp_path / "spool", "show", qid).output
+    assert "sender:    <\\xff\\xfeuser@ext.test>" in output
+
+
+def test_queue_show_prints_printable_utf8_as_it_is(tmp_path: Path) -> None:
+    qid = _spool_hostile(tmp_path / "spool", sender="s\u00e9nder@ext.test")
+    assert "sender:    <s\u00e9nder@ext.test>" in _queue(tmp_path / "spool", "show", qid).output
+
+
+def test_queue_json_holds_no_raw_control_characters(tmp_path: Path) -> None:
+    _spool_hostile(tmp_path / "spool", rcpt="a\x7fb\x9bc@dest.test")
+    output = _queue(tmp_path / "spool", "list", "--json").output
+    assert not any(c in output for c in (ESC, "\x07", "\x7f", "\x9b"))
+    (entry,) = json.loads(output)
+    assert (entry["sender"], entry["pending"]) == (HOSTILE_SENDER, ["a\x7fb\x9bc@dest.test"])
+
+
 # ---------------------------------------------------------------- crash safety
 
 
@@ -110,7 +162,8 @@ def test_acknowledged_mail_survives_a_crash_and_is_delivered_after_restart(
     proc = _start_serve(config, port, tmp_path / "serve.log")
     try:
         with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test") as s:
-            assert s.sendmail("sender@ext.test", ["split@example.org"], b"Subject: x\r\n\r\nbody\r\n") == {}
+            assert s.sendmail("sender@ext.test", ["split@example.org"],
+                              b"From: sender@ext.test\r\nSubject: x\r\n\r\nbody\r\n") == {}
         os.kill(proc.pid, signal.SIGKILL)  # the crash, right after the 250
         proc.wait(10)
         assert [rcpts for _, rcpts, _ in sink.envelopes] == [["now@sink.test"]]

@@ -18,7 +18,6 @@ from mailforward.delivery.routing import (
     PermanentRoutingError,
     RoutingError,
     TemporaryRoutingError,
-    parse_nameserver,
     parse_relayhost,
 )
 from mailforward.errors import ConfigError, MailforwardError
@@ -302,16 +301,6 @@ async def test_unknown_bracketed_relayhost_is_a_permanent_failure(router: MxRout
 
 
 # --- configuration syntax
-
-
-@pytest.mark.parametrize(("text", "expected"), [
-    ("127.0.0.1", ("127.0.0.1", 53)),
-    ("127.0.0.1:5353", ("127.0.0.1", 5353)),
-    ("::1", ("::1", 53)),
-    ("[::1]:5353", ("::1", 5353)),
-])
-def test_nameserver_syntax(text: str, expected: tuple[str, int]) -> None:
-    assert parse_nameserver(text) == expected
 
 
 @pytest.mark.parametrize("text", ["ns.example.com", "127.0.0.1:0", "127.0.0.1:x", "[::1"])

@@ -15,6 +15,7 @@ import os
 import stat
 import tempfile
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,33 @@ def test_put_records_errors_for_pending_recipients(spool: Spool) -> None:
 def test_message_is_addressed_to_pending_recipients_only(spool: Spool) -> None:
     put(spool, pending=("b@y.test",))
     assert spool.get("ABC123").message().recipients == ("b@y.test",)
+
+
+def test_aliases_survive_the_spool(spool: Spool) -> None:
+    aliases = {"a@x.test": "friend@alias.test", "b@y.test": "pal@alias.test"}
+    spool.put(replace(message(), aliases=aliases), ["b@y.test"], T0, T0)
+    assert Spool(spool.directory).get("ABC123").message().aliases == aliases
+
+
+def test_spool_file_written_before_aliases_existed_still_loads(spool: Spool) -> None:
+    put(spool)
+    path = spool.directory / "ABC123"
+    header, _, content = path.read_bytes().partition(b"\n")
+    data: dict[str, Any] = json.loads(header)
+    del data["aliases"]
+    path.write_bytes(json.dumps(data).encode() + b"\n" + content)
+    assert spool.get("ABC123").aliases == {}
+
+
+def test_header_with_aliases_that_are_not_strings_is_corrupt(spool: Spool) -> None:
+    put(spool)
+    path = spool.directory / "ABC123"
+    header, _, content = path.read_bytes().partition(b"\n")
+    data: dict[str, Any] = json.loads(header)
+    data["aliases"] = {"a@x.test": 1}
+    path.write_bytes(json.dumps(data).encode() + b"\n" + content)
+    with pytest.raises(SpoolCorrupt):
+        spool.get("ABC123")
 
 
 @settings(max_examples=30, deadline=None)
@@ -495,6 +523,17 @@ async def test_crashing_attempt_defers_every_recipient(spool: Spool) -> None:
     await RetryScheduler(spool, RetryPolicy(), crash, fake.bounce).run_once(T0)
     got = spool.get("ABC123")
     assert (got.pending, got.attempts) == (("a@x.test", "b@y.test"), 2)
+
+
+async def test_crashing_attempt_records_the_exception_type_as_the_reason(spool: Spool) -> None:
+    put(spool, next_attempt=T0)
+
+    async def crash(msg: SpooledMessage) -> AttemptResult:
+        raise RuntimeError("boom: internal detail")
+
+    await RetryScheduler(spool, RetryPolicy(), crash, FakeDelivery({}).bounce).run_once(T0)
+    assert set(spool.get("ABC123").errors.values()) == {
+        str(Reply(451, "4.3.0", "internal error (RuntimeError)"))}
 
 
 async def test_expired_message_bounces_what_is_pending_and_is_removed(spool: Spool) -> None:

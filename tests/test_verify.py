@@ -8,6 +8,7 @@ public halves are published in the zone.  No mail is sent anywhere.
 from __future__ import annotations
 
 import base64
+import logging
 import time
 from collections.abc import Iterator
 
@@ -23,10 +24,8 @@ from mailforward.auth.verify import (
     DkimVerdict,
     SpfVerdict,
     Verifier,
-    aligned,
     authserv_id_of,
     check_spf,
-    org_domain,
     strip_forged_results,
 )
 
@@ -315,24 +314,6 @@ async def test_dmarc_permerror_with_from_naming_two_domains(verifier: Verifier) 
     assert verdict.dmarc == "permerror"
 
 
-def test_org_domain_uses_public_suffix_list() -> None:
-    assert org_domain("a.b.example.co.uk") == "example.co.uk"
-
-
-def test_org_domain_of_unlisted_tld_is_last_two_labels() -> None:
-    assert org_domain("news.example.test") == "example.test"
-
-
-def test_relaxed_alignment_compares_org_domains() -> None:
-    assert aligned("mail.example.co.uk", "example.co.uk", "r")
-    assert not aligned("other.co.uk", "example.co.uk", "r")
-
-
-def test_strict_alignment_needs_same_domain() -> None:
-    assert not aligned("mail.example.test", "example.test", "s")
-    assert aligned("EXAMPLE.test.", "example.test", "s")
-
-
 # --- ARC ---------------------------------------------------------------------
 
 async def test_arc_none_for_plain_message(verifier: Verifier) -> None:
@@ -423,6 +404,33 @@ def test_strip_removes_our_folded_forged_results_any_case() -> None:
         b"Authentication-Results: mx.forward.test; body text, not a header\r\n")
 
 
+@pytest.mark.parametrize("claimed", [
+    b"mx.forward.test.",
+    b"MX.FORWARD.TEST.",
+    b'"mx.forward.test."',
+    b'"Mx.Forward.Test"',
+    b" (comment) mx.forward.test.",
+])
+def test_strip_removes_forged_results_whatever_the_spelling_of_our_id(claimed: bytes) -> None:
+    forged = b"Authentication-Results: " + claimed + b"; dmarc=pass header.from=bank.test\r\n"
+    assert strip_forged_results(forged + message(), AUTHSERV_ID) == message()
+
+
+def test_strip_removes_forged_results_when_our_id_is_configured_with_a_dot() -> None:
+    forged = b"Authentication-Results: mx.forward.test; dmarc=pass\r\n"
+    assert strip_forged_results(forged + message(), AUTHSERV_ID + ".") == message()
+
+
+def test_strip_removes_forged_results_with_space_before_the_colon() -> None:
+    forged = b"Authentication-Results  : mx.forward.test; dmarc=pass\r\n"
+    assert strip_forged_results(forged + message(), AUTHSERV_ID) == message()
+
+
+def test_strip_keeps_results_of_a_longer_id_ending_in_a_dot() -> None:
+    kept = b"Authentication-Results: mx.forward.test.evil.; dmarc=pass\r\n" + message()
+    assert strip_forged_results(kept, AUTHSERV_ID) == kept
+
+
 def test_strip_leaves_message_without_ours_unchanged() -> None:
     raw = message(extra="Authentication-Results: mx.forward.test.evil; none\r\n",
                   body="line\n\r\nbare\rcr\r\n")
@@ -445,3 +453,13 @@ def test_authserv_id_skips_comments_and_ignores_version() -> None:
 
 def test_authserv_id_of_unclosed_comment_is_none() -> None:
     assert authserv_id_of(b" (mx.forward.test; none") is None
+
+
+async def test_verification_logs_name_no_header_values(
+        verifier: Verifier, caplog: pytest.LogCaptureFixture) -> None:
+    raw = signed(message(), domain=b"marker-51.test", selector=b"marker-51")  # no such key
+    with caplog.at_level(logging.DEBUG, logger="mailforward"):
+        verdict = await verifier.verify(raw, CLIENT, "mx.helo.test", "a@example.test")
+    assert verdict.dkim == (DkimVerdict("permerror", "marker-51.test", "marker-51"),)
+    assert "DKIM signature 1: permerror (no key)" in caplog.text
+    assert "marker-51" not in caplog.text

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from .admin import Admin, AliasRow, DomainRow
+from .logsafety import install_content_guard
 from .config import Settings, load_settings
 from .delivery.spool import InvalidQueueId, Spool, SpoolEntry, SpoolError, SpoolNotFound
 from .errors import AddressError, AdminError, ConfigError, MailforwardError
@@ -33,6 +34,13 @@ class UsageFailure(click.ClickException):
     """Bad input or configuration: exit code 2, like click's own usage errors."""
 
     exit_code = 2
+
+
+def setup_logging() -> None:
+    """Log lines to stderr; third-party loggers never write message text (logsafety)."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s[%(process)d]: %(message)s")
+    install_content_guard(logging.getLogger())
 
 
 def settings_from(ctx: click.Context) -> Settings:
@@ -98,8 +106,7 @@ def serve(ctx: click.Context) -> None:
     from .smtpd.server import run
 
     settings = settings_from(ctx)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s[%(process)d]: %(message)s")
+    setup_logging()
     try:
         asyncio.run(run(settings))
     except (SrsConfigError, ConfigError) as e:
@@ -259,6 +266,30 @@ def _when(timestamp: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
+def _shown(text: str) -> str:
+    """``text`` safe for the operator's terminal: printable characters as they are,
+    anything else as ``\\xNN`` escapes of its UTF-8 bytes (the raw byte, for
+    input that was not UTF-8).
+
+    Envelopes and downstream replies come from strangers; printed raw, an
+    ESC, a C1 control or a bidi override could rewrite the operator's screen.
+    """
+    return "".join(c if c.isprintable() else _escaped(c) for c in text)
+
+
+def _escaped(character: str) -> str:
+    try:  # a byte that was not UTF-8 arrives as a surrogate escape: show that byte
+        data = character.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # any other lone surrogate
+        data = character.encode("utf-8", "surrogatepass")
+    return "".join(f"\\x{byte:02x}" for byte in data)
+
+
+def _print_queue_json(value: Any) -> None:
+    """ASCII JSON: exact for scripts, and nothing in it can drive a terminal (DEL included)."""
+    click.echo(json.dumps(value, indent=2, ensure_ascii=True).replace("\x7f", "\\u007f"))
+
+
 @queue.command("list")
 @json_option
 @click.pass_context
@@ -266,11 +297,11 @@ def queue_list(ctx: click.Context, as_json: bool) -> None:
     """List spooled messages."""
     entries = spool_from(ctx).list()
     if as_json:
-        print_json([_entry_json(e) for e in entries])
+        _print_queue_json([_entry_json(e) for e in entries])
         return
     print_table(["QUEUE ID", "SIZE", "ARRIVED", "NEXT TRY", "SENDER", "PENDING"],
                 [[e.queue_id, str(e.size), _when(e.created), _when(e.next_attempt),
-                  f"<{e.sender}>", ",".join(e.pending)] for e in entries])
+                  _shown(f"<{e.sender}>"), _shown(",".join(e.pending))] for e in entries])
 
 
 @queue.command("show")
@@ -281,15 +312,15 @@ def queue_show(ctx: click.Context, queue_id: str, as_json: bool) -> None:
     """Envelope, size and last errors of one message (never its content)."""
     entry = _spooled(ctx, lambda spool: spool.get(queue_id))
     if as_json:
-        print_json(_entry_json(entry))
+        _print_queue_json(_entry_json(entry))
         return
     click.echo(f"queue id:  {entry.queue_id}\nsize:      {entry.size}\n"
                f"arrived:   {_when(entry.created)}\nnext try:  {_when(entry.next_attempt)}\n"
-               f"attempts:  {entry.attempts}\nsender:    <{entry.sender}>")
+               f"attempts:  {entry.attempts}\nsender:    {_shown(f'<{entry.sender}>')}")
     for rcpt in entry.pending:
-        click.echo(f"pending:   <{rcpt}> {entry.errors.get(rcpt, '')}".rstrip())
+        click.echo(_shown(f"pending:   <{rcpt}> {entry.errors.get(rcpt, '')}".rstrip()))
     for rcpt in entry.delivered:
-        click.echo(f"delivered: <{rcpt}>")
+        click.echo(_shown(f"delivered: <{rcpt}>"))
 
 
 @queue.command("flush")
@@ -385,8 +416,7 @@ def srs_serve(ctx: click.Context) -> None:
 
     rewriter = rewriter_from(ctx)
     settings = settings_from(ctx).srs
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s[%(process)d]: %(message)s")
+    setup_logging()
 
     async def run() -> None:
         servers = await start_srs_tcp_servers(rewriter, settings.listen_address,

@@ -137,7 +137,8 @@ class DeliverySettings:
 
     def __post_init__(self) -> None:
         # The parsers delivery uses, so what is accepted here is what works there.
-        from .delivery.routing import parse_nameserver, parse_relayhost
+        from .delivery.routing import parse_relayhost
+        from .dns import parse_nameserver
 
         for key, values, parse in (("relay_host", [self.relay_host] if self.relay_host else [],
                                     parse_relayhost),

@@ -7,36 +7,40 @@ rendered as zone lines or JSON), and :func:`run_dns_checks` proves each
 checklist item against live DNS, returning one :class:`CheckResult` per item
 with a reason a newcomer can act on.
 
-All DNS goes through ``[delivery] nameservers`` with ``[delivery]
-dns_timeout``, like delivery itself, so a split-horizon or test resolver
-sees the same answers the server does.  A DNS failure is a failed item
-("DNS lookup failed (temporary): ..."), never a crash.
+All DNS goes through ``mailforward.dns`` with ``[delivery] nameservers``
+and ``[delivery] dns_timeout``, like delivery itself, so a split-horizon or
+test resolver sees the same answers the server does, under the same error
+policy.  A DNS failure is a failed item ("DNS lookup failed (temporary):
+..."), never a crash.  DMARC records are read by ``auth.dmarc``, the parser
+the inbound verifier enforces them with, so the two cannot disagree.
+
+Both commands also warn when forwarded mail would be sent or signed as a
+hosted domain (see :func:`shared_identity_warnings`): a warning, not a
+failure, because mail flows either way, but it is unsafe.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import dns.asyncresolver
-import dns.exception
 import dns.name
-import dns.rdata
-import dns.resolver
 import dns.reversename
 from dns.rdtypes.ANY.MX import MX
 from dns.rdtypes.ANY.PTR import PTR
-from dns.rdtypes.ANY.TXT import TXT
+from dns.rdtypes.IN.A import A
+from dns.rdtypes.IN.AAAA import AAAA
 
 from .addresses import normalize_domain
 from .admin import Admin
 from .auth.dkim import DkimKey, load_dkim
+from .auth.dmarc import aligned, dmarc_records, parse_record
 from .auth.verify import check_spf as evaluate_spf
 from .config import ServerSettings, Settings
-from .delivery.routing import make_resolver
+from .dns import DnsTemporaryError, make_resolver, resolve, txt_records
 from .errors import AddressError, MailforwardError
 from .tables import open_admin_database, open_table
 
@@ -44,8 +48,7 @@ TTL = 3600
 TXT_CHUNK = 255  # RFC 1035: one character-string holds at most 255 octets
 NO_PUBLIC_IPS = "set [server] public_ips (this server's public addresses) to check this"
 SPF_TOO_MANY_LOOKUPS = "SPF needs more than 10 DNS lookups (RFC 7208 limit)"
-DMARC_POLICIES = ("none", "quarantine", "reject")
-_TAG = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+DEDICATED_DOMAIN_ITEM = "dedicated forwarding domain"
 
 
 # ---------------------------------------------------------------- results
@@ -53,17 +56,24 @@ _TAG = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 @dataclass(frozen=True)
 class CheckResult:
-    """One checklist item: ``item`` is a stable short label, ``reason`` says why in plain words."""
+    """One checklist item: ``item`` is a stable short label, ``reason`` says why in plain words.
+
+    A ``warning`` is an item that passes (``ok``: mail flows, the exit code
+    stays 0) but is set up in a way we advise against; it is marked ``!``.
+    """
 
     item: str
     ok: bool
     reason: str
+    warning: bool = False
 
     def line(self) -> str:
-        return f"{'✓' if self.ok else '✗'} {self.item} — {self.reason}"
+        mark = "✗" if not self.ok else "!" if self.warning else "✓"
+        return f"{mark} {self.item} — {self.reason}"
 
 
 def all_ok(results: Sequence[CheckResult]) -> bool:
+    """Whether every item passed; warnings pass."""
     return all(r.ok for r in results)
 
 
@@ -102,9 +112,11 @@ class RecordSet:
     domain: str
     records: tuple[Record, ...]
     notes: tuple[str, ...]
+    warnings: tuple[str, ...] = ()
 
     def zone_text(self) -> str:
         lines = [f"; DNS records for {self.domain}, forwarded by this mailforward server"]
+        lines += [f"; WARNING: {warning}" for warning in self.warnings]
         lines += [f"; NOTE: {note}" for note in self.notes]
         purpose = ""
         for record in self.records:
@@ -116,7 +128,7 @@ class RecordSet:
 
     def as_json(self) -> dict[str, object]:
         return {"domain": self.domain, "records": [r.as_json() for r in self.records],
-                "notes": list(self.notes)}
+                "notes": list(self.notes), "warnings": list(self.warnings)}
 
 
 def absolute(name: str) -> str:
@@ -217,55 +229,111 @@ def records_for(domain: str, settings: Settings) -> RecordSet:
                      "SPF uses 'mx' until then")
     if not srs_domain:
         notes.append("SRS is off ([srs] domain unset): forwarded mail will fail SPF at its destination")
-    return RecordSet(domain, tuple(records), tuple(notes))
+    return RecordSet(domain, tuple(records), tuple(notes),
+                     tuple(shared_identity_warnings(settings, [domain])))
+
+
+# ---------------------------------------------------------------- a dedicated forwarding domain
+
+
+_WHY_UNSAFE = {
+    "[srs] domain": "every forwarded envelope passes SPF for it, so mail forged as From: "
+                    "someone@{hosted} would pass DMARC at the destination",
+    "[dkim] sign_forwarded_as": "every forwarded message carries a valid signature for it, so "
+                                "mail forged as From: someone@{hosted} would pass DMARC at the "
+                                "destination",
+    "[arc] domain": "our ARC seal on mail forged as From: someone@{hosted} would vouch for it "
+                    "to receivers that trust our seals",
+}
+
+
+def forwarding_identities(settings: Settings) -> list[tuple[str, str]]:
+    """(setting, domain) for each domain forwarded mail is sent or signed as."""
+    configured = [("[srs] domain", settings.srs.domain),
+                  ("[dkim] sign_forwarded_as", settings.dkim.sign_forwarded_as),
+                  ("[arc] domain", settings.arc.domain)]
+    identities = []
+    for key, value in configured:
+        try:
+            identities.append((key, normalize_domain(value)))
+        except AddressError:  # unset, or refused by the configuration checks already
+            continue
+    return identities
+
+
+def shared_identity_warnings(settings: Settings, hosted: Iterable[str]) -> list[str]:
+    """Why each forwarding identity that is (or shares an organizational domain with)
+    a hosted domain is unsafe.
+
+    Our SRS envelope passes SPF for that domain, and our signature is valid
+    for it: both align, under DMARC's relaxed rule, with a From in any domain
+    of the same organization.  If users of a hosted domain write From in it,
+    mail forged in their name and forwarded by us arrives with DMARC pass.
+    """
+    hosted = list(dict.fromkeys(hosted))
+    warnings = []
+    for key, domain in forwarding_identities(settings):
+        for hosted_domain in hosted:
+            if aligned(domain, hosted_domain, "r"):
+                relation = ("is" if domain == hosted_domain
+                            else "shares its organizational domain with")
+                why = _WHY_UNSAFE[key].format(hosted=hosted_domain)
+                warnings.append(
+                    f"{key} {domain} {relation} the hosted domain {hosted_domain}: {why}; use a "
+                    "dedicated domain no user writes From in, e.g. fwd.example.net when you "
+                    "host example.org")
+                break
+    return warnings
+
+
+async def check_dedicated_domain(domain: str, settings: Settings) -> CheckResult | None:
+    """A warning when forwarded mail is sent or signed as a hosted domain; None when
+    SRS, ``sign_forwarded_as`` and ARC are all off (nothing to check).
+
+    Compared with DOMAIN and every domain in the database (when it can be read).
+    """
+    identities = forwarding_identities(settings)
+    if not identities:
+        return None
+    warnings = shared_identity_warnings(settings, [domain, *await database_domains(settings)])
+    if warnings:
+        return CheckResult(DEDICATED_DOMAIN_ITEM, True, "; ".join(warnings), warning=True)
+    names = ", ".join(f"{key} {value}" for key, value in identities)
+    return CheckResult(DEDICATED_DOMAIN_ITEM, True, f"{names}: no hosted domain shares "
+                                                    "their organizational domain")
+
+
+async def database_domains(settings: Settings) -> list[str]:
+    """Every domain in the database, active or not; [] when it cannot be read
+    (the ``database`` item reports that)."""
+    try:
+        db = await open_admin_database(settings.database)
+        try:
+            return [row.name for row in await Admin(db).list_domains()]
+        finally:
+            await db.close()
+    except MailforwardError:
+        return []
 
 
 # ---------------------------------------------------------------- DNS lookups
 
 
-class TemporaryDnsError(MailforwardError):
-    """DNS could not answer (SERVFAIL, timeout): the item fails, the check goes on."""
-
-
-@dataclass(frozen=True)
-class Lookup:
-    """An answer: records, or none, with ``nxdomain`` telling "no such name" from "no such type"."""
-
-    records: tuple[dns.rdata.Rdata, ...]
-    nxdomain: bool = False
-
-
-async def lookup(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str) -> Lookup:
-    try:
-        answer = await resolver.resolve(dns.name.from_text(name), rdtype, search=False)
-    except dns.resolver.NXDOMAIN:
-        return Lookup((), nxdomain=True)
-    except dns.resolver.NoAnswer:
-        return Lookup(())
-    except dns.resolver.LifetimeTimeout:
-        raise TemporaryDnsError(f"{name} {rdtype}: no answer within the timeout") from None
-    except dns.resolver.NoNameservers:
-        raise TemporaryDnsError(f"{name} {rdtype}: the nameservers failed (SERVFAIL)") from None
-    except (dns.exception.DNSException, OSError) as e:
-        raise TemporaryDnsError(f"{name} {rdtype}: {e}") from None
-    return Lookup(tuple(answer))
-
-
 async def addresses_of(resolver: dns.asyncresolver.Resolver, host: str) -> list[str]:
     found: list[str] = []
     for rdtype in ("A", "AAAA"):
-        answer = await lookup(resolver, host, rdtype)
-        found += [str(ipaddress.ip_address(rd.to_text())) for rd in answer.records]
+        answer = await resolve(resolver, host, rdtype)
+        found += [str(ipaddress.ip_address(rd.address)) for rd in answer.records
+                  if isinstance(rd, (A, AAAA))]
     return found
 
 
-def txt_strings(answer: Lookup) -> list[str]:
-    """Each TXT record as one string (its character-strings concatenated, RFC 7208 3.3)."""
-    return [b"".join(rd.strings).decode("utf-8", "replace") for rd in answer.records
-            if isinstance(rd, TXT)]
+async def txt_texts(resolver: dns.asyncresolver.Resolver, name: str) -> list[str]:
+    """Each TXT record at ``name`` as one string (character-strings joined, RFC 7208 3.3)."""
+    return [text.decode("utf-8", "replace") for text in await txt_records(resolver, name)]
 
 
-def temporary(item: str, error: TemporaryDnsError) -> CheckResult:
+def temporary(item: str, error: DnsTemporaryError) -> CheckResult:
     return CheckResult(item, False, f"DNS lookup failed (temporary): {error}")
 
 
@@ -278,7 +346,7 @@ async def check_mx(resolver: dns.asyncresolver.Resolver, domain: str, hostname: 
     if not ips:
         return CheckResult(item, False, NO_PUBLIC_IPS)
     try:
-        answer = await lookup(resolver, domain, "MX")
+        answer = await resolve(resolver, domain, "MX")
         if answer.nxdomain:
             return CheckResult(item, False, f"{domain} does not exist in DNS (NXDOMAIN)")
         exchanges = [rd.exchange for rd in answer.records if isinstance(rd, MX)]
@@ -295,7 +363,7 @@ async def check_mx(resolver: dns.asyncresolver.Resolver, domain: str, hostname: 
                 where = ", ".join(found) if found else "no address at all"
                 return CheckResult(item, False, f"MX host {host} resolves to {where}, not to this "
                                                 f"server ({', '.join(ips)}); point the MX at {hostname}")
-    except TemporaryDnsError as e:
+    except DnsTemporaryError as e:
         return temporary(item, e)
     return CheckResult(item, True, f"{domain} MX {', '.join(hosts)} reaches this server")
 
@@ -337,47 +405,26 @@ async def check_spf(domain: str, settings: Settings, ips: Sequence[str], item: s
 # ---------------------------------------------------------------- DMARC
 
 
-def dmarc_problem(record: str) -> str:
-    """What is wrong with a DMARC record (RFC 7489 6.3), or "" when it parses."""
-    parts = [part.strip() for part in record.split(";")]
-    tags: list[tuple[str, str]] = []
-    for part in parts:
-        if not part:
-            continue
-        name, sep, value = part.partition("=")
-        if not sep or not _TAG.fullmatch(name.strip()):
-            return f"'{part}' is not tag=value"
-        tags.append((name.strip().lower(), value.strip()))
-    if not tags or tags[0] != ("v", "DMARC1"):
-        return "the first tag must be v=DMARC1"
-    values = dict(tags)
-    if "p" not in values:
-        return "the p= tag (none, quarantine or reject) is missing"
-    for tag in ("p", "sp"):
-        if tag in values and values[tag].lower() not in DMARC_POLICIES:
-            return f"{tag}={values[tag]} is not one of none, quarantine, reject"
-    for tag in ("adkim", "aspf"):
-        if tag in values and values[tag].lower() not in ("r", "s"):
-            return f"{tag}={values[tag]} must be r or s"
-    if "pct" in values and not (values["pct"].isdigit() and int(values["pct"]) <= 100):
-        return f"pct={values['pct']} must be a number from 0 to 100"
-    return ""
-
-
 async def check_dmarc(resolver: dns.asyncresolver.Resolver, domain: str) -> CheckResult:
+    """The record at ``_dmarc.DOMAIN``, judged by the parser the verifier enforces it with."""
     item, name = "DMARC", f"_dmarc.{domain}"
     try:
-        texts = txt_strings(await lookup(resolver, name, "TXT"))
-    except TemporaryDnsError as e:
+        raw = await txt_records(resolver, name)
+    except DnsTemporaryError as e:
         return temporary(item, e)
-    records = [t for t in texts if t[:8].lower() == "v=dmarc1"]
+    records = dmarc_records(raw)
+    if not records and raw:
+        text = raw[0].decode("utf-8", "replace")
+        return CheckResult(item, False, f"the TXT record at {name} is not a DMARC record, so "
+                                        f"receivers ignore it: {parse_record(text).problem} "
+                                        f"(found '{text}')")
     if not records:
         return CheckResult(item, False, f"no DMARC record at {name}; publish "
                                         f"'{absolute(name)} TXT \"v=DMARC1; p=none\"'")
     if len(records) > 1:
         return CheckResult(item, False, f"{name} has {len(records)} DMARC records; receivers "
                                         "ignore them all (RFC 7489 6.6.3): keep one")
-    problem = dmarc_problem(records[0])
+    problem = parse_record(records[0]).problem
     if problem:
         return CheckResult(item, False, f"the DMARC record at {name} is malformed: {problem}")
     return CheckResult(item, True, f"{name}: {records[0]}")
@@ -410,8 +457,8 @@ async def check_dkim_key(resolver: dns.asyncresolver.Resolver, name: str, select
                          expected: str) -> CheckResult:
     item = f"DKIM {selector}"
     try:
-        texts = txt_strings(await lookup(resolver, name, "TXT"))
-    except TemporaryDnsError as e:
+        texts = await txt_texts(resolver, name)
+    except DnsTemporaryError as e:
         return temporary(item, e)
     published = [dkim_tags(t) for t in texts if "p" in dkim_tags(t)]
     if not published:
@@ -469,7 +516,7 @@ async def check_ptr(resolver: dns.asyncresolver.Resolver, hostname: str,
             problem = await ptr_problem(resolver, hostname, ip)
             if problem:
                 return CheckResult(item, False, problem)
-    except TemporaryDnsError as e:
+    except DnsTemporaryError as e:
         return temporary(item, e)
     return CheckResult(item, True, f"{', '.join(ips)} ↔ {hostname} (forward-confirmed)")
 
@@ -477,7 +524,7 @@ async def check_ptr(resolver: dns.asyncresolver.Resolver, hostname: str,
 async def ptr_problem(resolver: dns.asyncresolver.Resolver, hostname: str, ip: str) -> str:
     reverse = dns.reversename.from_address(ip).to_text()
     names = [rd.target.to_text(omit_final_dot=True).lower()
-             for rd in (await lookup(resolver, reverse, "PTR")).records if isinstance(rd, PTR)]
+             for rd in (await resolve(resolver, reverse, "PTR")).records if isinstance(rd, PTR)]
     if not names:
         return (f"{ip} has no PTR record; ask your hosting provider to set it to {hostname}")
     if hostname not in names:
@@ -509,7 +556,8 @@ async def run_dns_checks(domain: str, settings: Settings) -> list[CheckResult]:
     results += await check_dkim(resolver, domain, settings)
     results.append(await check_hosted(domain, settings))
     results.append(await check_ptr(resolver, hostname, ips))
-    return results
+    dedicated = await check_dedicated_domain(domain, settings)
+    return results if dedicated is None else [*results, dedicated]
 
 
 def valid_domain(text: str) -> str:

@@ -54,7 +54,7 @@ class _Malformed(Exception):
     pass
 
 
-def read_from_field(message: bytes) -> FromField:
+def read_from_field(message: bytes | bytearray) -> FromField:
     """Find the From field(s) in the header section and parse the one mailbox."""
     values = header_values(message, b"from")
     if not values:
@@ -71,19 +71,27 @@ def read_from_field(message: bytes) -> FromField:
     return FromField(address=f"{local}@{domain_text}", domain=domain)
 
 
-def header_values(message: bytes, wanted: bytes) -> list[bytes]:
+def header_values(message: bytes | bytearray, wanted: bytes) -> list[bytes]:
     """Unfolded raw values of every field named ``wanted`` (lower case) in the header section.
 
     A name followed by white space before the colon (obsolete syntax, RFC 5322
     4.5.3) is the same field: MUAs read ``From :`` as From.
     """
-    header = b"" if message.startswith(b"\r\n") else message.split(b"\r\n\r\n", 1)[0]
+    header = header_section(message)
     values = []
     for field in re.split(rb"\r\n(?![ \t])", header):
         match = _FIELD_NAME.match(field)
         if match and match.group(1).lower() == wanted:
             values.append(_FOLD.sub(b"", field[match.end():]).strip(b" \t"))
     return values
+
+
+def header_section(message: bytes | bytearray) -> bytes:
+    """The header fields, without the empty line; a slice, never a copy of the body."""
+    if message.startswith(b"\r\n"):
+        return b""
+    end = message.find(b"\r\n\r\n")
+    return bytes(message[:end] if end >= 0 else message)
 
 
 # --- tokens -------------------------------------------------------------------

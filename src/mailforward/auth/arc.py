@@ -8,6 +8,10 @@ ARC-Authentication-Results, takes the chain validation state from its
 ``arc=`` result, and adds ARC-Message-Signature and ARC-Seal with the next
 instance number.  An intact incoming chain is continued (``cv=pass``), a
 broken one sealed with ``cv=fail``, none started (``cv=none``).
+
+dkimpy seals :func:`~mailforward.auth.headerfields.dkimpy_view` (its parser
+refuses obsolete header syntax); ARC canonicalizes relaxed only, so the seal
+is valid for the original bytes, which are what we send.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import dkim  # type: ignore[import-untyped]
 from ..config import ArcSettings
 from ..errors import ConfigError
 from .dkim import DkimConfig, DkimKey, load_key
+from .headerfields import dkimpy_view
 
 log = logging.getLogger("mailforward.arc")
+
 
 class ArcSealer:
     """Seals messages under one key; a failure never stops delivery (counted, logged)."""
@@ -33,8 +39,9 @@ class ArcSealer:
     def seal(self, message: bytes) -> bytes:
         """The ARC set to prepend to ``message``; b"" if it cannot be sealed."""
         try:
-            headers = dkim.arc_sign(message, self.key.selector.encode(), self.key.domain.encode(),
-                                    self.key.private_pem, self.authserv_id.encode())
+            headers = dkim.arc_sign(dkimpy_view(message), self.key.selector.encode(),
+                                    self.key.domain.encode(), self.key.private_pem,
+                                    self.authserv_id.encode())
         except Exception as e:  # dkimpy raises many types; none may stop delivery
             self.sealing_failures += 1
             log.error("ARC sealing with %s failed (%s); sending without a seal",

@@ -17,6 +17,11 @@ RSA keys sign rsa-sha256; Ed25519 keys sign ed25519-sha256 (RFC 8463), which
 dkimpy does through PyNaCl (``dkimpy[ed25519]``).  Key files are PEM as
 opendkim-genkey writes them (PKCS#1 or PKCS#8; Ed25519 as PKCS#8), or
 dkimpy's bare base64 Ed25519 seed.
+
+dkimpy's parser refuses header fields in RFC 5322's obsolete syntax
+(``Name  : value``); it reads them through ``auth.headerfields``, which
+keeps the names as written, so a signature covers the bytes we send, in
+either canonicalization.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
+import functools
 import ipaddress
 import logging
 import os
@@ -43,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from ..config import DkimSettings
 from ..errors import ConfigError
 from ..private_files import create_private_file
+from .headerfields import dkimpy_parse, dkimpy_view
 
 __all__ = [
     "OVERSIGN_HEADERS",
@@ -503,8 +510,8 @@ def headers_to_sign(headers: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
 def sign_message(message: bytes, key: DkimKey, canonicalization: str) -> bytes:
     """One DKIM-Signature header (CRLF-terminated) by ``key``; dkimpy's exceptions propagate."""
     header_canon, _, body_canon = canonicalization.partition("/")
-    signer = dkim.DKIM(message, signature_algorithm=ALGORITHMS[key.algorithm],
-                       linesep=b"\r\n")
+    signer = dkimpy_parse(message, functools.partial(
+        dkim.DKIM, signature_algorithm=ALGORITHMS[key.algorithm], linesep=b"\r\n"))
     signature: bytes = signer.sign(key.selector.encode("ascii"), key.domain.encode("ascii"),
                                    key.private_pem,
                                    canonicalize=(header_canon.encode(),
@@ -515,7 +522,7 @@ def sign_message(message: bytes, key: DkimKey, canonicalization: str) -> bytes:
 
 def from_address(message: bytes) -> str:
     """The first address of the first From header, lower-cased ("" if none)."""
-    headers, _ = dkim.rfc822_parse(message)
+    headers, _ = dkim.rfc822_parse(dkimpy_view(message))
     for name, value in headers:
         if name.lower() == b"from":
             text = re.sub(r"\r?\n", "", value.decode("utf-8", "replace"))

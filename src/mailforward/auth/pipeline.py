@@ -22,6 +22,9 @@ from .verify import AuthVerdict, Verifier, strip_forged_results
 
 log = logging.getLogger("mailforward.auth")
 
+Content = bytes | bytearray
+"""A message as the SMTP engine hands it over; copied only when there is work to do."""
+
 
 class MessageAuthenticator:
     def __init__(self, verifier: Verifier | None, signer: DkimSigner | None,
@@ -37,11 +40,11 @@ class MessageAuthenticator:
     async def inbound(self, content: bytes, client_ip: str, helo: str, mail_from: str,
                       trusted: bool = False) -> bytes:
         """:meth:`verify_inbound` for callers that need only the message."""
-        content, _ = await self.verify_inbound(content, client_ip, helo, mail_from, trusted)
-        return content
+        verified, _ = await self.verify_inbound(content, client_ip, helo, mail_from, trusted)
+        return bytes(verified)
 
-    async def verify_inbound(self, content: bytes, client_ip: str, helo: str, mail_from: str,
-                             trusted: bool = False) -> tuple[bytes, AuthVerdict | None]:
+    async def verify_inbound(self, content: Content, client_ip: str, helo: str, mail_from: str,
+                             trusted: bool = False) -> tuple[Content, AuthVerdict | None]:
         """Strip forged results, verify, enforce policy, prepend our Authentication-Results.
 
         ``trusted`` clients (mynetworks) are verified and labelled but never
@@ -51,7 +54,7 @@ class MessageAuthenticator:
         """
         if self.verifier is None:
             return content, None
-        content = strip_forged_results(content, self.authserv_id)
+        content = strip_forged_results(bytes(content), self.authserv_id)
         verdict = await self.verifier.verify(content, client_ip, helo, mail_from)
         if not trusted:
             self._enforce(verdict)
@@ -63,11 +66,11 @@ class MessageAuthenticator:
         if self.reject_spf_fail and verdict.spf_fails:
             raise SpfRejected(verdict.spf.domain)
 
-    async def outbound(self, content: bytes, client_ip: str) -> bytes:
+    async def outbound(self, content: Content, client_ip: str) -> Content:
         """DKIM signatures, then the ARC seal over the signed message (RSA work: off the loop)."""
         if self.signer is None and self.sealer is None:
             return content
-        return await asyncio.to_thread(self._sign_and_seal, content, client_ip)
+        return await asyncio.to_thread(self._sign_and_seal, bytes(content), client_ip)
 
     def _sign_and_seal(self, content: bytes, client_ip: str) -> bytes:
         if self.signer is not None:

@@ -4,8 +4,10 @@ Every accepted message is checked once, at DATA; the verdict drives policy
 (DMARC ``p=reject``, optionally SPF ``-all``) and is prepended to the message
 under our authserv-id, where the ARC sealer later reads ``arc=`` from it.
 
-All DNS goes through the resolver built by ``make_sync_resolver`` -- the one
-delivery uses -- never the libraries' own default (the system resolver):
+All DNS goes through ``mailforward.dns`` with the resolver built by
+``make_sync_resolver`` -- the one delivery uses -- never the libraries' own
+default (the system resolver), and with its one error policy (NXDOMAIN and
+NODATA are "not there", everything else ``DnsTemporaryError``):
 
 * pyspf looks names up through its module-global ``spf.DNSLookup``.  We replace
   it once, at import, with a dispatcher reading the resolver from a
@@ -13,10 +15,19 @@ delivery uses -- never the libraries' own default (the system resolver):
   checks with different nameservers in worker threads do not interfere
   (``asyncio.to_thread`` runs each call in a copy of the context).  With no
   resolver set the dispatcher answers TempError rather than falling back.
-* dkimpy and our DMARC lookup take a ``dnsfunc``; ours closes over the resolver.
+* dkimpy takes a ``dnsfunc``; ours closes over the resolver.  DMARC
+  (``auth.dmarc``) takes a TXT lookup the same way.
 
-Log lines name the exception type, never dkimpy's text: it can quote header
-lines, and no message content may reach the logs.
+dkimpy parses a copy of the message with obsolete-syntax white space before
+header colons removed, and hashes the names as written (``auth.headerfields``),
+so mail a compliant verifier accepts is never failed because dkimpy's parser
+is stricter than RFC 5322.  A message dkimpy still cannot parse is malformed:
+its signatures are ``permerror`` and DMARC is decided by SPF alone, so
+garbage cannot be used to get around ``p=reject``.
+
+Log lines name the exception type and a signature's position, never
+dkimpy's text nor any header value (not even d= or s=): no message content
+may reach the logs.
 
 DNS trouble (timeout, SERVFAIL) is a ``temperror`` in the verdict, never an
 exception and never a rejection by itself.
@@ -25,9 +36,6 @@ exception and never a rejection by itself.
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import functools
-import importlib.resources
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -35,15 +43,42 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 import dkim  # type: ignore[import-untyped]
-import dns.exception
-import dns.name
+import dns.rdata
 import dns.resolver
 import spf  # type: ignore[import-untyped]
-from publicsuffix2 import PublicSuffixList  # type: ignore[import-untyped]
+from dns.rdtypes.ANY.MX import MX
+from dns.rdtypes.ANY.PTR import PTR
+from dns.rdtypes.IN.A import A
+from dns.rdtypes.IN.AAAA import AAAA
+from dns.rdtypes.txtbase import TXTBase
 
 from ..addresses import normalize_domain
-from ..delivery.routing import make_sync_resolver
+from ..dns import DnsTemporaryError, make_sync_resolver, resolve_sync, txt_records_sync
 from ..errors import AddressError
+from .dmarc import (
+    Authenticated,
+    aligned,
+    discover_policy,
+    dmarc_result,
+    from_domain_of,
+    org_domain,
+)
+from .headerfields import dkimpy_parse, dkimpy_view, field_name, split_header
+
+__all__ = [
+    "MAX_DKIM_SIGNATURES",
+    "SPF_TIME_LIMIT",
+    "AuthVerdict",
+    "DkimVerdict",
+    "SpfVerdict",
+    "Verifier",
+    "aligned",
+    "authserv_id_of",
+    "check_spf",
+    "from_domain_of",
+    "org_domain",
+    "strip_forged_results",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +88,9 @@ SPF_TIME_LIMIT = 20.0
 MAX_DKIM_SIGNATURES = 10
 """Signatures verified per message; more only cost DNS lookups an attacker chooses."""
 
-DMARC_POLICIES = ("none", "quarantine", "reject")
-
 TSPECIALS = frozenset('()<>@,;:\\"/[]?=')
+
+ARC_FIELDS = (b"arc-seal", b"arc-message-signature", b"arc-authentication-results")
 
 
 @dataclass(frozen=True)
@@ -94,40 +129,8 @@ class AuthVerdict:
         return self.spf.result == "fail"
 
 
-class LookupFailed(Exception):
-    """A DNS lookup gave no usable answer; ``result`` is the verdict that implies."""
-
-    def __init__(self, result: str, reason: str) -> None:
-        super().__init__(reason)
-        self.result = result
-
-
-# --- DNS -------------------------------------------------------------------
-
-def _resolve(resolver: dns.resolver.Resolver, name: str, qtype: str,
-             lifetime: float | None = None) -> dns.resolver.Answer | None:
-    """An answer, or None when the name or type does not exist (NXDOMAIN, NODATA).
-
-    Raises LookupFailed("temperror") for timeouts, SERVFAIL and other trouble,
-    so that no caller mistakes "could not ask" for "not there".
-    """
-    try:
-        return resolver.resolve(dns.name.from_text(name), qtype, search=False,
-                                lifetime=lifetime)
-    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-        return None
-    except dns.exception.Timeout as e:
-        raise LookupFailed("temperror", f"DNS timeout for {name}/{qtype}: {e}") from None
-    except dns.exception.DNSException as e:
-        raise LookupFailed("temperror", f"DNS error for {name}/{qtype}: {e}") from None
-
-
-def _txt_records(resolver: dns.resolver.Resolver, name: str) -> list[bytes]:
-    """Each TXT record at ``name``, its strings joined (RFC 7208 3.3, RFC 6376 3.6.2.2)."""
-    answer = _resolve(resolver, name, "TXT")
-    if answer is None:
-        return []
-    return [b"".join(rdata.strings) for rdata in answer]
+class _NoKey(Exception):
+    """The key record a signature names does not exist: permerror (RFC 6376 6.1.2)."""
 
 
 # --- SPF -------------------------------------------------------------------
@@ -149,21 +152,23 @@ def _pyspf_lookup(name: str, qtype: str, strict: object = True,
     if resolver is None:
         raise spf.TempError("DNS: no resolver configured for this SPF check")
     try:
-        answer = _resolve(resolver, name, qtype, lifetime=min(timeout, resolver.lifetime))
-    except LookupFailed as e:
+        answer = resolve_sync(resolver, name, qtype, lifetime=min(timeout, resolver.lifetime))
+    except DnsTemporaryError as e:
         raise spf.TempError(f"DNS {e}") from None
-    return [((name, qtype), _pyspf_data(qtype, rdata)) for rdata in answer or ()]
+    return [((name, qtype), _pyspf_data(rdata)) for rdata in answer.records]
 
 
-def _pyspf_data(qtype: str, rdata: object) -> object:
+def _pyspf_data(rdata: dns.rdata.Rdata) -> object:
     """One record's data in the shape pyspf works with, per type."""
-    if qtype in ("A", "AAAA"):
-        return getattr(rdata, "address")
-    if qtype == "MX":
-        return (getattr(rdata, "preference"), getattr(rdata, "exchange"))
-    if qtype == "PTR":
-        return getattr(rdata, "target").to_text(True)
-    return getattr(rdata, "strings")  # TXT, SPF
+    if isinstance(rdata, (A, AAAA)):
+        return rdata.address
+    if isinstance(rdata, MX):
+        return (rdata.preference, rdata.exchange)
+    if isinstance(rdata, PTR):
+        return rdata.target.to_text(True)
+    if isinstance(rdata, TXTBase):  # TXT and SPF
+        return rdata.strings
+    return rdata.to_text()
 
 
 spf.DNSLookup = _pyspf_lookup
@@ -190,7 +195,7 @@ def _check_spf(resolver: dns.resolver.Resolver, ip: str, mail_from: str,
                           querytime=SPF_TIME_LIMIT)
         result, _, explanation = query.check()
     except Exception as e:  # pyspf raises on some inputs it cannot parse (bad IP, ...)
-        log.warning("SPF check of %s from %s failed: %r", domain, ip, e)
+        log.warning("SPF check failed (%s)", type(e).__name__)
         result, explanation = "permerror", f"SPF check failed: {e}"
     finally:
         _spf_resolver.reset(token)
@@ -207,20 +212,20 @@ def _is_hostname(domain: str) -> bool:
 # --- DKIM and ARC ----------------------------------------------------------
 
 def _key_lookup(resolver: dns.resolver.Resolver) -> Callable[..., bytes]:
-    """A dkimpy ``dnsfunc``: the key record, or LookupFailed saying why not.
+    """A dkimpy ``dnsfunc``: the key record, or an exception saying why not.
 
     dkimpy turns a missing key into a plain verification failure and swallows
-    its own timeouts; raising instead lets us report permerror ("no key",
-    RFC 6376 6.1.2) and temperror.
+    its own timeouts; raising instead (``_NoKey``, ``DnsTemporaryError``) lets
+    us report permerror ("no key", RFC 6376 6.1.2) and temperror.
     """
     def lookup(name: bytes, timeout: float = 5) -> bytes:
         try:
             text = name.decode("ascii").rstrip(".")
         except UnicodeDecodeError:
-            raise LookupFailed("permerror", "key name is not ASCII") from None
-        records = _txt_records(resolver, text)
+            raise _NoKey("key name is not ASCII") from None
+        records = txt_records_sync(resolver, text)
         if not records:
-            raise LookupFailed("permerror", f"no key for signature at {text}")
+            raise _NoKey("no key record")
         return records[0]
     return lookup
 
@@ -235,7 +240,7 @@ def _arc_key_lookup(resolver: dns.resolver.Resolver) -> Callable[..., bytes | No
     def lookup(name: bytes, timeout: float = 5) -> bytes | None:
         try:
             return keys(name)
-        except LookupFailed:
+        except (_NoKey, DnsTemporaryError):
             return None
     return lookup
 
@@ -243,182 +248,91 @@ def _arc_key_lookup(resolver: dns.resolver.Resolver) -> Callable[..., bytes | No
 def _verify_dkim(resolver: dns.resolver.Resolver, message: bytes) -> tuple[DkimVerdict, ...]:
     """One verdict per DKIM-Signature, topmost first (up to MAX_DKIM_SIGNATURES)."""
     try:
-        signed = dkim.DKIM(message)
+        signed = dkimpy_parse(message, dkim.DKIM)
     except Exception as e:  # dkimpy's parser raises more than DKIMException on garbage
-        log.info("DKIM: message not parseable (%s)", type(e).__name__)
-        return ()
+        log.info("DKIM: message not parseable (%s); its signatures are permerror",
+                 type(e).__name__)
+        return _unverifiable(message)
     headers = [value for name, value in signed.headers if name.lower() == b"dkim-signature"]
     lookup = _key_lookup(resolver)
     return tuple(_verify_signature(signed, index, value, lookup)
                  for index, value in enumerate(headers[:MAX_DKIM_SIGNATURES]))
 
 
+def _unverifiable(message: bytes) -> tuple[DkimVerdict, ...]:
+    """permerror for each DKIM-Signature of a message dkimpy cannot read at all."""
+    values = [field.partition(b":")[2] for field in split_header(message)[0]
+              if field_name(field) == b"dkim-signature"]
+    return tuple(DkimVerdict("permerror", *_signature_ids(value))
+                 for value in values[:MAX_DKIM_SIGNATURES])
+
+
 def _verify_signature(signed: dkim.DKIM, index: int, value: bytes,
                       lookup: Callable[..., bytes]) -> DkimVerdict:
-    domain, selector = _signature_ids(value)
+    """Logs name the signature by position: its d= and s= are header text too."""
     try:
         result = "pass" if signed.verify(idx=index, dnsfunc=lookup) else "fail"
-    except LookupFailed as e:
-        log.info("DKIM d=%s s=%s: %s", domain, selector, e)
-        result = e.result
+    except DnsTemporaryError as e:
+        log.info("DKIM signature %d: temperror (%s)", index + 1, e.reason)
+        result = "temperror"
+    except _NoKey:
+        log.info("DKIM signature %d: permerror (no key)", index + 1)
+        result = "permerror"
     except dkim.ValidationError as e:  # body hash mismatch and the like
-        log.info("DKIM d=%s s=%s: fail (%s)", domain, selector, type(e).__name__)
+        log.info("DKIM signature %d: fail (%s)", index + 1, type(e).__name__)
         result = "fail"
     except Exception as e:  # malformed signature or key; dkimpy has no narrower contract
-        log.info("DKIM d=%s s=%s: permerror (%s)", domain, selector, type(e).__name__)
+        log.info("DKIM signature %d: permerror (%s)", index + 1, type(e).__name__)
         result = "permerror"
-    return DkimVerdict(result, domain, selector)
+    return DkimVerdict(result, *_signature_ids(value))
 
 
 def _signature_ids(value: bytes) -> tuple[str, str]:
-    """d= and s= of a DKIM-Signature, "" when absent or unparseable."""
+    """d= and s= of a DKIM-Signature, "" when absent or unparseable; white space removed."""
     try:
         tags = dkim.util.parse_tag_value(value)
     except Exception:  # InvalidTagValueList, bad bytes: the verdict will say permerror
         return "", ""
-    domain = tags.get(b"d", b"").decode("ascii", "replace").lower()
-    return domain, tags.get(b"s", b"").decode("ascii", "replace")
+    domain = b"".join(tags.get(b"d", b"").split()).decode("ascii", "replace").lower()
+    return domain, b"".join(tags.get(b"s", b"").split()).decode("ascii", "replace")
 
 
 def _verify_arc(resolver: dns.resolver.Resolver, message: bytes) -> str:
     """The incoming chain's state for our ``arc=`` result: none, pass or fail."""
     try:
-        state, _, _ = dkim.arc_verify(message, dnsfunc=_arc_key_lookup(resolver))
+        state, _, _ = dkim.arc_verify(dkimpy_view(message), dnsfunc=_arc_key_lookup(resolver))
     except Exception as e:  # dkimpy catches only its own exceptions
         log.info("ARC: verification failed (%s)", type(e).__name__)
-        return "fail"
+        return "fail" if _has_arc_set(message) else "none"
     if state in (dkim.CV_Pass, dkim.CV_None):
         return str(state.decode("ascii"))
     log.info("ARC: incoming chain fails")
     return "fail"  # includes None: a seal already reported cv=fail
 
 
+def _has_arc_set(message: bytes) -> bool:
+    return any(field_name(field) in ARC_FIELDS for field in split_header(message)[0])
+
+
 # --- DMARC -----------------------------------------------------------------
-
-@functools.cache
-def _suffix_list() -> PublicSuffixList:
-    """The bundled public suffix list: authheaders' copy if present (newer), else
-    publicsuffix2's own.  Read from disk only, never fetched.
-    """
-    try:
-        with importlib.resources.as_file(
-                importlib.resources.files("authheaders") / "public_suffix_list.txt") as path:
-            return PublicSuffixList(str(path))
-    except (ModuleNotFoundError, FileNotFoundError):
-        return PublicSuffixList()
-
-
-def org_domain(domain: str) -> str:
-    """The organizational domain (RFC 7489 3.2): one label below the public suffix.
-
-    Unlisted TLDs (``.test``) follow the list's implicit ``*`` rule.
-    """
-    domain = domain.lower().rstrip(".")
-    labels = domain.split(".")
-    suffix = _suffix_list().get_tld(domain, strict=True) or labels[-1]
-    size = suffix.count(".") + 2
-    return ".".join(labels[-size:]) if len(labels) >= size else domain
-
-
-def aligned(identifier: str, from_domain: str, mode: str) -> bool:
-    """Identifier alignment (RFC 7489 3.1): same domain when strict, same org when relaxed."""
-    identifier, from_domain = identifier.lower().rstrip("."), from_domain.lower().rstrip(".")
-    if mode == "s":
-        return identifier == from_domain
-    return org_domain(identifier) == org_domain(from_domain)
-
-
-@dataclass(frozen=True)
-class DmarcRecord:
-    policy: str  # effective for the From domain: p=, or sp= when found at the org domain
-    adkim: str
-    aspf: str
-
-
-def parse_dmarc(text: bytes) -> dict[str, str] | None:
-    """The tags of a DMARC record, or None when it is not one (must start v=DMARC1)."""
-    try:
-        fields = text.decode("ascii").split(";")
-    except UnicodeDecodeError:
-        return None
-    tags = {}
-    for field in fields:
-        key, sep, value = field.partition("=")
-        if sep:
-            tags[key.strip().lower()] = value.strip()
-    if fields[0].replace(" ", "") != "v=DMARC1":
-        return None
-    return tags
-
-
-def _dmarc_record(resolver: dns.resolver.Resolver, from_domain: str) -> DmarcRecord | None:
-    """Policy discovery (RFC 7489 6.6.3): the From domain's record, else its org domain's."""
-    tags = _dmarc_tags(resolver, from_domain)
-    subdomain = False
-    if tags is None and org_domain(from_domain) != from_domain:
-        tags, subdomain = _dmarc_tags(resolver, org_domain(from_domain)), True
-    if tags is None:
-        return None
-    policy = tags.get("p", "").lower()
-    policy = policy if policy in DMARC_POLICIES else "none"  # invalid p=: monitor only
-    if subdomain and tags.get("sp", "").lower() in DMARC_POLICIES:
-        policy = tags["sp"].lower()
-    return DmarcRecord(policy, tags.get("adkim", "r").lower(), tags.get("aspf", "r").lower())
-
-
-def _dmarc_tags(resolver: dns.resolver.Resolver, domain: str) -> dict[str, str] | None:
-    """The one DMARC record at _dmarc.domain; several count as none (RFC 7489 6.6.3)."""
-    records = [tags for text in _txt_records(resolver, f"_dmarc.{domain}")
-               if (tags := parse_dmarc(text)) is not None]
-    return records[0] if len(records) == 1 else None
-
-
-def from_domain_of(message: bytes) -> tuple[str, str]:
-    """(domain, problem) of the RFC 5322 From: "" and "none" when there is no From,
-    "" and "permerror" when it is repeated, unparseable, or names several domains
-    (RFC 7489 6.6.1), the lower-cased domain and "" otherwise.
-    """
-    values = _header_values(message, b"from")
-    if not values:
-        return "", "none"
-    addresses = email.utils.getaddresses(values) if len(values) == 1 else []
-    if not addresses or not all("@" in address for _, address in addresses):
-        return "", "permerror"
-    try:
-        domains = {normalize_domain(address.rpartition("@")[2]) for _, address in addresses}
-    except AddressError:
-        return "", "permerror"
-    return (domains.pop(), "") if len(domains) == 1 else ("", "permerror")
-
-
-def _header_values(message: bytes, wanted: bytes) -> list[str]:
-    """Unfolded values of every header field named ``wanted`` (lower case)."""
-    values = []
-    for field in _header_fields(message)[0]:
-        name, sep, value = field.partition(b":")
-        if sep and name.rstrip(b" \t").lower() == wanted:
-            values.append(re.sub(rb"\r?\n", b"", value).decode("utf-8", "replace").strip())
-    return values
-
 
 def _check_dmarc(resolver: dns.resolver.Resolver, message: bytes, spf_verdict: SpfVerdict,
                  dkim_verdicts: Sequence[DkimVerdict]) -> tuple[str, str, str]:
-    """(result, policy, from domain): pass when SPF or a DKIM signature passes aligned."""
+    """(result, policy, from domain), the policy as ``auth.dmarc`` discovers it."""
     from_domain, problem = from_domain_of(message)
     if problem:
         return problem, "", from_domain
     try:
-        record = _dmarc_record(resolver, from_domain)
-    except LookupFailed as e:
-        log.info("DMARC for %s: %s", from_domain, e)
+        policy = discover_policy(lambda name: txt_records_sync(resolver, name), from_domain)
+    except DnsTemporaryError as e:
+        log.info("DMARC: %s", e.reason)
         return "temperror", "", from_domain
-    if record is None:
+    if policy is None:
         return "none", "", from_domain
-    spf_ok = spf_verdict.result == "pass" and aligned(spf_verdict.domain, from_domain,
-                                                       record.aspf)
-    dkim_ok = any(v.result == "pass" and aligned(v.domain, from_domain, record.adkim)
-                  for v in dkim_verdicts)
-    return ("pass" if spf_ok or dkim_ok else "fail"), record.policy, from_domain
+    result = dmarc_result(policy, from_domain,
+                          Authenticated(spf_verdict.result, spf_verdict.domain),
+                          [Authenticated(v.result, v.domain) for v in dkim_verdicts])
+    return result, policy.policy, from_domain
 
 
 # --- The header ------------------------------------------------------------
@@ -459,22 +373,6 @@ def _header(authserv_id: str, mail_from: str, spf_verdict: SpfVerdict,
 
 # --- Forged results ---------------------------------------------------------
 
-def _header_fields(message: bytes) -> tuple[list[bytes], bytes]:
-    """(header fields with their folded lines and line ends, the rest verbatim)."""
-    fields: list[bytes] = []
-    rest = b""
-    lines = re.findall(rb"[^\n]*\n|[^\n]+\Z", message)  # LF ends a line; a lone CR does not
-    for number, line in enumerate(lines):
-        if line in (b"\r\n", b"\n"):
-            rest = b"".join(lines[number:])
-            break
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += line
-        else:
-            fields.append(line)
-    return fields, rest
-
-
 def authserv_id_of(value: bytes) -> str | None:
     """The authserv-id opening an Authentication-Results value (RFC 8601 2.2), or None.
 
@@ -514,20 +412,25 @@ def strip_forged_results(message: bytes, authserv_id: str) -> bytes:
 
     Only we may speak for our id: anything arriving with it was forged, and
     downstream (the ARC sealer, the recipient's filters) would trust it.
-    Only the header section is touched; everything else stays byte for byte.
+    The id is compared as a domain name would be: case-insensitively, with
+    or without a trailing dot, quoted or not.  Only the header section is
+    touched; everything else stays byte for byte.
     """
-    fields, rest = _header_fields(message)
-    ours = authserv_id.lower()
+    fields, rest = split_header(message)
+    ours = _comparable_id(authserv_id)
     kept = [field for field in fields if not _claims(field, ours)]
     return b"".join(kept) + rest
 
 
+def _comparable_id(authserv_id: str) -> str:
+    return authserv_id.strip().rstrip(".").lower()
+
+
 def _claims(field: bytes, authserv_id: str) -> bool:
-    name, sep, value = field.partition(b":")
-    if not sep or name.rstrip(b" \t").lower() != b"authentication-results":
+    if field_name(field) != b"authentication-results":
         return False
-    claimed = authserv_id_of(value)
-    return claimed is not None and claimed.lower() == authserv_id
+    claimed = authserv_id_of(field.partition(b":")[2])
+    return claimed is not None and _comparable_id(claimed) == authserv_id
 
 
 # --- Everything together ---------------------------------------------------

@@ -6,17 +6,30 @@ The reply is what the inbound client is told (pass-through acknowledgement):
 
 from __future__ import annotations
 
+import logging
+import re
 import secrets
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..smtpd.replies import OK, Reply, queued
 
+log = logging.getLogger(__name__)
+
 
 def new_queue_id() -> str:
     """Ten upper-case hex digits, like Postfix's short queue ids: safe as a file name."""
     return secrets.token_hex(5).upper()
+
+
+@dataclass(frozen=True)
+class RecipientDsn:
+    """RFC 3461 parameters given with one RCPT, kept for every destination it expands to."""
+
+    notify: str = ""  # "" (not given), "NEVER", or a comma list of SUCCESS, FAILURE, DELAY
+    orcpt: str = ""  # "rfc822;xtext" as the client gave it
 
 
 @dataclass(frozen=True)
@@ -26,12 +39,16 @@ class Message:
     queue_id: str
     sender: str  # "" is the null sender
     recipients: tuple[str, ...]  # final destinations after alias expansion
-    content: bytes
+    content: bytes | bytearray  # the engine's own buffer when nothing had to rewrite it
     client_ip: str = ""
     smtputf8: bool = False
     original_sender: str = ""  # before SRS: where a DSN goes ("" when sender is unchanged)
     aliases: Mapping[str, str] = field(default_factory=dict)
     """destination -> the address the client gave at RCPT: what the sender may be told."""
+    body: str = ""  # "", "7BIT" or "8BITMIME", as declared at MAIL (RFC 6152)
+    dsn_ret: str = ""  # RFC 3461 RET: "", "FULL" or "HDRS"
+    dsn_envid: str = ""  # RFC 3461 ENVID, xtext as given
+    dsn: Mapping[str, RecipientDsn] = field(default_factory=dict)  # destination -> its RCPT's
 
     def alias_of(self, destination: str) -> str:
         """The address the sender used for ``destination``; the destination itself when unknown."""
@@ -57,3 +74,45 @@ class RecordingDelivery:
     async def deliver(self, message: Message) -> Reply:
         self.messages.append(message)
         return queued(message.queue_id) if self.reply == OK else self.reply
+
+
+def conceal_destinations(text: str, aliases: Mapping[str, str]) -> str:
+    """``text`` with every destination in ``aliases`` replaced by the address the sender used.
+
+    Forwarding targets are private: a downstream reply or a DSN must not tell
+    the sender where an alias really goes.  Matching ignores case (servers
+    echo addresses as they like) and angle brackets stay where they were.
+    One pass, so an alias that happens to contain another target is not
+    rewritten again.
+    """
+    hidden = {target.lower(): alias for target, alias in aliases.items()
+              if target and target.lower() != alias.lower()}
+    if not hidden:
+        return text
+    pattern = "|".join(re.escape(target) for target in sorted(hidden, key=len, reverse=True))
+    return re.sub(pattern, lambda m: hidden[m.group(0).lower()], text, flags=re.IGNORECASE)
+
+
+# (queue id, exception type) pairs whose traceback is already in the log, oldest first.
+_TRACEBACKS_LOGGED: OrderedDict[tuple[str, str], None] = OrderedDict()
+_MAX_TRACEBACKS_REMEMBERED = 4096
+
+
+def internal_failure(queue_id: str, error: BaseException) -> Reply:
+    """The temporary failure an unexpected exception becomes, naming only its type.
+
+    It is a bug of ours, not the destination's answer: the message is kept
+    and retried (4xx), the sender is told nothing internal, and the
+    traceback is logged once per message and exception type, not on every
+    retry pass for the days the message may stay in the spool.
+    """
+    kind = type(error).__name__
+    key = (queue_id, kind)
+    if key in _TRACEBACKS_LOGGED:
+        log.error("%s: delivery failed again: %s", queue_id, kind)
+    else:
+        _TRACEBACKS_LOGGED[key] = None
+        if len(_TRACEBACKS_LOGGED) > _MAX_TRACEBACKS_REMEMBERED:
+            _TRACEBACKS_LOGGED.popitem(last=False)
+        log.error("%s: delivery failed: %s", queue_id, kind, exc_info=error)
+    return Reply(451, "4.3.0", f"internal error ({kind})")

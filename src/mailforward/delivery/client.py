@@ -4,6 +4,13 @@ Results are per recipient (a ``Reply`` each: 250 accepted, 4xx deferred,
 5xx failed), like aiosmtplib's own per-recipient errors.  A next hop that
 cannot be reached, or that answers 4xx before any recipient was offered, is
 skipped for the next one, as Postfix's smtp(8) does.
+
+Nothing that goes wrong while offering a message to one domain escapes from
+here as an exception: an address that cannot be written is a permanent
+failure before any connection, UTF-8 that the next hop cannot carry is a
+permanent ``553 5.6.7``, and anything unexpected is a temporary ``451 4.3.0``
+(:func:`.base.internal_failure`).  Replies passed back from downstream name
+the alias the sender used, never the private forwarding target.
 """
 
 from __future__ import annotations
@@ -13,14 +20,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aiosmtplib
+import aiosmtplib.email
 
+from ..addresses import is_sendable
 from ..smtpd.replies import Reply
-from .base import Message
+from .base import Message, conceal_destinations, internal_failure
 from .routing import NextHop
 
 log = logging.getLogger(__name__)
 
 ACCEPTED = Reply(250, "2.0.0", "Ok")
+SMTPUTF8_UNSUPPORTED = Reply(553, "5.6.7",
+                             "destination does not support SMTPUTF8, which this message needs")
+UNWRITABLE_SENDER = Reply(553, "5.1.7", "sender address cannot be written in an SMTP command")
+UNWRITABLE_RECIPIENT = Reply(553, "5.1.3",
+                             "recipient address cannot be written in an SMTP command")
 
 
 @dataclass(frozen=True)
@@ -36,12 +50,22 @@ class _TryNextHop(Exception):
         self.reply = reply
 
 
-def downstream_reply(error: aiosmtplib.SMTPResponseException, destination: str) -> Reply:
-    """The downstream's code, enhanced code and text, prefixed with the destination."""
+def downstream_reply(error: aiosmtplib.SMTPResponseException, destination: str,
+                     message: Message) -> Reply:
+    """The downstream's code, enhanced code and text, about the alias the sender used.
+
+    The text is passed back to the sender, so the private target is replaced
+    by its alias wherever the downstream echoed it, and the ``<alias>:``
+    prefix is added only when the text does not already start with it.
+    """
     status, _, text = error.message.partition(" ")
     if not (status[:1] in ("2", "4", "5") and status.count(".") == 2):
         status, text = ("5.0.0" if error.code >= 500 else "4.0.0"), error.message
-    return Reply(error.code, status, f"<{destination}>: {text}")
+    text = conceal_destinations(text, message.aliases)
+    prefix = f"<{message.alias_of(destination)}>:"
+    if not text.lower().startswith(prefix.lower()):
+        text = f"{prefix} {text}"
+    return Reply(error.code, status, text)
 
 
 def unreachable(hop: NextHop, why: str) -> Reply:
@@ -50,7 +74,49 @@ def unreachable(hop: NextHop, why: str) -> Reply:
 
 async def send_to_domain(hops: Sequence[NextHop], message: Message, recipients: Sequence[str],
                          settings: ClientSettings) -> dict[str, Reply]:
-    """Offer ``message`` to ``recipients`` (one domain) through the first hop that answers."""
+    """Offer ``message`` to ``recipients`` (one domain) through the first hop that answers.
+
+    Always a reply per recipient, never an exception: a raised exception
+    would leave the domain's outcome unknown, and unknown used to be
+    reported (and retried for days) as a timeout.
+    """
+    try:
+        return await _send_to_domain(hops, message, recipients, settings)
+    except Exception as error:  # noqa: BLE001  (internal_failure logs it)
+        return {rcpt: internal_failure(message.queue_id, error) for rcpt in recipients}
+
+
+def writable(address: str) -> bool:
+    """Whether ``address`` can go into our MAIL FROM or RCPT TO exactly as it is.
+
+    It must be a plain mailbox (:func:`..addresses.is_sendable`), and
+    aiosmtplib must write it unchanged: its parser drops comments and
+    refuses whitespace that our address syntax lets through (U+00A0, ...).
+    """
+    if not is_sendable(address):
+        return False
+    try:
+        return aiosmtplib.email.quote_address(address) == f"<{address}>"
+    except ValueError:
+        return False
+
+
+async def _send_to_domain(hops: Sequence[NextHop], message: Message, recipients: Sequence[str],
+                          settings: ClientSettings) -> dict[str, Reply]:
+    """Addresses that cannot be written fail here, before a connection: no hop could take them."""
+    if not writable(message.sender):
+        return {rcpt: UNWRITABLE_SENDER for rcpt in recipients}
+    results = {rcpt: UNWRITABLE_RECIPIENT.about(message.alias_of(rcpt))
+               for rcpt in recipients if not writable(rcpt)}
+    offered = [rcpt for rcpt in recipients if rcpt not in results]
+    if offered:
+        results.update(await _through_first_hop(hops, message, offered, settings))
+    return results
+
+
+async def _through_first_hop(hops: Sequence[NextHop], message: Message,
+                             recipients: Sequence[str], settings: ClientSettings) -> dict[str, Reply]:
+    """The first hop's answers; the last hop's failure if none could be reached."""
     last = Reply(451, "4.4.3", "no next hop for this destination")
     for hop in hops:
         try:
@@ -71,11 +137,16 @@ async def _transaction(hop: NextHop, message: Message, recipients: Sequence[str]
         refusal = _refuse_before_mail(client, message)
         if refusal is not None:
             return {rcpt: refusal for rcpt in recipients}
-        return await _envelope_and_data(client, hop, message, recipients)
+        results = _refuse_utf8_recipients(client, message, recipients)
+        offered = [rcpt for rcpt in recipients if rcpt not in results]
+        if offered:
+            results.update(await _envelope_and_data(client, hop, message, offered))
+        return results
     except aiosmtplib.SMTPResponseException as e:
         if e.code >= 500:  # refused the sender or the session: permanent for everyone
-            return {rcpt: downstream_reply(e, rcpt) for rcpt in recipients}
-        raise _TryNextHop(Reply(e.code, "4.4.2", f"{hop.host}[{hop.address}] said: {e.message}")) from e
+            return {rcpt: downstream_reply(e, rcpt, message) for rcpt in recipients}
+        said = conceal_destinations(e.message, message.aliases)
+        raise _TryNextHop(Reply(e.code, "4.4.2", f"{hop.host}[{hop.address}] said: {said}")) from e
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
         raise _TryNextHop(unreachable(hop, type(e).__name__)) from e
     finally:
@@ -90,35 +161,54 @@ async def _hello(client: aiosmtplib.SMTP, hop: NextHop) -> None:
         await client.ehlo()
 
 
+def needs_smtputf8(message: Message) -> bool:
+    """The whole transaction needs SMTPUTF8: the client declared it, or the sender is UTF-8."""
+    return message.smtputf8 or not message.sender.isascii()
+
+
 def _refuse_before_mail(client: aiosmtplib.SMTP, message: Message) -> Reply | None:
-    if message.smtputf8 and not client.supports_extension("smtputf8"):
-        return Reply(553, "5.6.7", "destination does not support SMTPUTF8, which this message needs")
-    limit = client.esmtp_extensions.get("size", "")
-    if limit.isdigit() and int(limit) and len(message.content) > int(limit):
+    if needs_smtputf8(message) and not client.supports_extension("smtputf8"):
+        return SMTPUTF8_UNSUPPORTED
+    limit = client.esmtp_extensions.get("size", "")  # the next hop's text: "²" is a digit too
+    if limit.isascii() and limit.isdigit() and int(limit) and len(message.content) > int(limit):
         return Reply(552, "5.3.4", f"message is larger than the destination accepts ({limit} bytes)")
     return None
 
 
+def _refuse_utf8_recipients(client: aiosmtplib.SMTP, message: Message,
+                            recipients: Sequence[str]) -> dict[str, Reply]:
+    """UTF-8 destinations a hop without SMTPUTF8 cannot be given: never raw, undeclared UTF-8.
+
+    Only those fail; ASCII destinations of the same domain still get the message.
+    """
+    if client.supports_extension("smtputf8"):
+        return {}
+    return {rcpt: SMTPUTF8_UNSUPPORTED.about(message.alias_of(rcpt))
+            for rcpt in recipients if not rcpt.isascii()}
+
+
 async def _envelope_and_data(client: aiosmtplib.SMTP, hop: NextHop, message: Message,
                              recipients: Sequence[str]) -> dict[str, Reply]:
-    options = ["SMTPUTF8"] if message.smtputf8 else []
+    utf8 = needs_smtputf8(message) or not all(rcpt.isascii() for rcpt in recipients)
+    encoding = "utf-8" if utf8 else "ascii"
+    options = ["SMTPUTF8"] if utf8 else []
     if client.supports_extension("size"):
         options.append(f"SIZE={len(message.content)}")
-    await client.mail(message.sender, options=options)
+    await client.mail(message.sender, options=options, encoding=encoding)
     results: dict[str, Reply] = {}
     for rcpt in recipients:
         try:
-            await client.rcpt(rcpt)
+            await client.rcpt(rcpt, encoding=encoding)
             results[rcpt] = ACCEPTED
         except aiosmtplib.SMTPRecipientRefused as e:
-            results[rcpt] = downstream_reply(e, rcpt)
+            results[rcpt] = downstream_reply(e, rcpt, message)
     accepted = [rcpt for rcpt, reply in results.items() if reply is ACCEPTED]
     if not accepted:
         return results
     try:
-        await client.data(message.content)
+        await client.data(bytes(message.content))
     except aiosmtplib.SMTPResponseException as e:
-        results.update({rcpt: downstream_reply(e, rcpt) for rcpt in accepted})
+        results.update({rcpt: downstream_reply(e, rcpt, message) for rcpt in accepted})
         return results
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
         # The outcome is unknown: deferring may deliver twice, but never loses mail.

@@ -8,6 +8,11 @@ reflector of arbitrary content to a possibly forged sender.
 
 The DSN must be sent with the null envelope sender (``MAIL FROM:<>``) so it
 can never cause another bounce; :func:`should_bounce` says when to send one.
+
+Forwarding targets are private: a DSN names each failed destination by the
+alias the sender used (Final-Recipient and Original-Recipient alike), every
+text in it has the targets replaced the same way, and it is addressed to
+the sender as the client gave it, never to our SRS address.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from email.policy import compat32
 from email.utils import format_datetime, make_msgid
 from io import BytesIO
 from typing import Protocol
+
+from ..from_field import header_section
+from .base import conceal_destinations
 
 DSN_POLICY = compat32.clone(linesep="\r\n")
 HEADER_LINE = re.compile(rb"[!-9;-~]+[ \t]*:|[ \t]")  # a field start or a continuation
@@ -49,7 +57,15 @@ class Original(Protocol):
     def sender(self) -> str: ...
 
     @property
-    def content(self) -> bytes: ...
+    def content(self) -> bytes | bytearray: ...
+
+    @property
+    def bounce_to(self) -> str: ...
+
+    @property
+    def aliases(self) -> Mapping[str, str]: ...
+
+    def alias_of(self, destination: str) -> str: ...
 
 
 def should_bounce(sender: str) -> bool:
@@ -90,7 +106,8 @@ def build_dsn(*, reporting_mta: str, original: Original,
               delayed: bool = False) -> bytes:
     """The DSN as bytes with CRLF line endings, ready to send from ``<>`` to the sender.
 
-    ``failures`` are (recipient, status such as "5.1.1", diagnostic text).
+    ``failures`` are (recipient, status such as "5.1.1", diagnostic text),
+    recipients being destinations: the DSN reports their aliases instead.
     With ``delayed`` it is a delay warning (Action: delayed) instead of a bounce.
     """
     if not failures:
@@ -98,9 +115,10 @@ def build_dsn(*, reporting_mta: str, original: Original,
     for _, status, _ in failures:
         if not STATUS.fullmatch(status):
             raise ValueError(f"invalid status {status!r}")
+    failures = _as_the_sender_knows_them(original, failures)
     report = MIMEMultipart("report", report_type="delivery-status")
     report["From"] = f"MAILER-DAEMON@{reporting_mta} (Mail Delivery System)"
-    report["To"] = _ascii(original.sender)
+    report["To"] = _header_address(original.bounce_to)
     report["Subject"] = ("Delayed Mail (still being retried)" if delayed
                          else "Undelivered Mail Returned to Sender")
     report["Date"] = _date(now)
@@ -109,14 +127,14 @@ def build_dsn(*, reporting_mta: str, original: Original,
     report.preamble = "This is a MIME-encapsulated message."
     report.attach(_text_part(_explanation(reporting_mta, original, failures, delayed), "plain"))
     report.attach(_status_part(reporting_mta, original, failures, now, delayed))
-    report.attach(_text_part(original_headers(original.content).decode("ascii", "replace"),
-                             "rfc822-headers"))
+    headers = original_headers(original.content).decode("ascii", "replace")
+    report.attach(_text_part(conceal_destinations(headers, original.aliases), "rfc822-headers"))
     out = BytesIO()
     BytesGenerator(out, mangle_from_=False, policy=DSN_POLICY).flatten(report)
     return out.getvalue()
 
 
-def original_headers(content: bytes) -> bytes:
+def original_headers(content: bytes | bytearray) -> bytes:
     """The header section of ``content`` (CRLF line endings), never any of the body.
 
     It stops at the first line that is neither a header field nor a
@@ -124,11 +142,18 @@ def original_headers(content: bytes) -> bytes:
     smuggle body lines in.  Non-ASCII bytes become ``?`` (the part is 7-bit).
     """
     lines: list[bytes] = []
-    for line in content.splitlines():
+    for line in header_section(content).splitlines():
         if not HEADER_LINE.match(line) or (not lines and line[:1] in b" \t"):
             break
         lines.append(re.sub(rb"[^\t\x20-\x7e]", b"?", line))
     return b"".join(line + b"\r\n" for line in lines)
+
+
+def _as_the_sender_knows_them(original: Original, failures: Sequence[tuple[str, str, str]]
+                              ) -> list[tuple[str, str, str]]:
+    """``failures`` with each destination replaced by its alias, in the address and the text."""
+    return [(original.alias_of(rcpt), status, conceal_destinations(diagnostic, original.aliases))
+            for rcpt, status, diagnostic in failures]
 
 
 # --- parts
@@ -170,6 +195,7 @@ def _status_part(reporting_mta: str, original: Original,
     blocks: list[EmailMessage | str] = [per_message]
     for rcpt, status, diagnostic in failures:
         block = EmailMessage()
+        block["Original-Recipient"] = _final_recipient(rcpt)
         block["Final-Recipient"] = _final_recipient(rcpt)
         block["Action"] = "delayed" if delayed else "failed"
         block["Status"] = status
@@ -202,7 +228,10 @@ def _date(timestamp: float) -> str:
 
 
 def _final_recipient(address: str) -> str:
-    """rfc822 for ASCII addresses, RFC 6533 utf-8 (\\x{..} escaped) otherwise."""
+    """rfc822 for ASCII addresses, RFC 6533 utf-8 (\\x{..} escaped) otherwise.
+
+    Used for Original-Recipient too: both name the address the sender used.
+    """
     if address.isascii():
         return f"rfc822; {address}"
     return f"utf-8; {_ascii(address)}"
@@ -215,6 +244,19 @@ def _diagnostic_code(text: str) -> str:
     if len(text) > MAX_DIAGNOSTIC:  # a field line cannot be wrapped inside a long word
         text = text[:MAX_DIAGNOSTIC] + "..."
     return f"{kind}; {text}"
+
+
+def _header_address(address: str) -> str:
+    """An address for the ``To:`` field exactly as the sender wrote it.
+
+    A UTF-8 address stays UTF-8 (RFC 6532; the DSN then travels with
+    SMTPUTF8): an encoded-word is no address.  Anything unprintable is
+    escaped, so no address can break the header.  The surrogate escapes make
+    the compat32 generator write the UTF-8 bytes unchanged.
+    """
+    if not address.isprintable():
+        return _ascii(address)
+    return address.encode("utf-8").decode("ascii", "surrogateescape")
 
 
 def _ascii(text: str) -> str:

@@ -24,9 +24,9 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from ..smtpd import replies
 from ..smtpd.replies import Reply
-from .base import Message, new_queue_id
+from .base import Message, internal_failure, new_queue_id
 from .client import ClientSettings, send_to_domain
-from .dsn import build_dsn, failures_from_reasons, should_bounce
+from .dsn import Original, build_dsn, failures_from_reasons, should_bounce
 from .retry import AttemptResult, RetryPolicy
 from .routing import MxRouter, NextHop, RoutingError
 from .spool import Spool, SpooledMessage, SpoolError
@@ -82,7 +82,12 @@ class PassThroughDelivery:
 
     async def attempt(self, message: Message, recipients: Sequence[str], timeout: float | None,
                       on_delivered: OnDelivered | None = None) -> dict[str, Reply]:
-        """Offer the message to every destination domain at once; a Reply per recipient."""
+        """Offer the message to every destination domain at once; a Reply per recipient.
+
+        :data:`TIMED_OUT` means exactly that the deadline expired first; a
+        domain whose attempt raised gets the exception's own (temporary)
+        failure, so the spool and the operator see the true reason.
+        """
         groups = group_by_domain(recipients)
         tasks = {domain: asyncio.create_task(self._attempt_domain(domain, message, rcpts,
                                                                   on_delivered))
@@ -92,13 +97,7 @@ class PassThroughDelivery:
             task.cancel()
         outcomes: dict[str, Reply] = {}
         for domain, task in tasks.items():
-            if task in done and task.exception() is None:
-                outcomes.update(task.result())
-            else:
-                if task in done:
-                    log.error("%s: delivery to %s failed", message.queue_id, domain,
-                              exc_info=task.exception())
-                outcomes.update({rcpt: TIMED_OUT for rcpt in groups[domain]})
+            outcomes.update(_domain_outcome(message, groups[domain], task, task in done))
         return outcomes
 
     async def _attempt_domain(self, domain: str, message: Message, recipients: list[str],
@@ -110,7 +109,7 @@ class PassThroughDelivery:
         outcomes = await send_to_domain(hops, message, recipients, self.client)
         accepted = [rcpt for rcpt, reply in outcomes.items() if reply.is_success]
         if accepted and on_delivered is not None:
-            await on_delivered(accepted)
+            await _record_delivered(message, accepted, on_delivered)
         return outcomes
 
     # ------------------------------------------------------------ the contract
@@ -128,7 +127,7 @@ class PassThroughDelivery:
         timed_out = any(reply is TIMED_OUT for reply in outcomes.values())
         if not delivered and not failed and not timed_out:
             first = outcomes[deferred[0]]
-            return Reply(451, first.status if first.status.startswith("4.4") else "4.4.1", first.text)
+            return Reply(451, first.status or "4.4.1", first.text)
         try:  # fsync in a thread: the event loop keeps serving other clients
             if deferred:
                 now = self.clock()
@@ -163,21 +162,49 @@ class PassThroughDelivery:
 
     async def bounce(self, spooled: SpooledMessage, failures: Mapping[str, str]) -> None:
         """A DSN for destinations that failed permanently or expired, spooled and due now."""
-        now = self.clock()
-        content = build_dsn(reporting_mta=self.hostname, original=spooled,
-                            failures=failures_from_reasons(failures), now=now)
-        dsn = Message(queue_id=new_queue_id(), sender="", recipients=(spooled.bounce_to,),
-                      content=content)
-        await asyncio.to_thread(self.spool.put, dsn, dsn.recipients, now, now)
+        await asyncio.to_thread(self._spool_dsn, spooled, failures_from_reasons(failures))
 
     def send_dsn(self, message: Message, failed: Mapping[str, Reply]) -> None:
         """Queue a DSN to the original sender (spooled, due now); never to the null sender."""
         if not should_bounce(message.bounce_to):
             return
+        self._spool_dsn(message, [(rcpt, reply.status, str(reply)) for rcpt, reply in failed.items()])
+
+    def _spool_dsn(self, original: Original, failures: Sequence[tuple[str, str, str]]) -> None:
+        """Build the DSN and spool it from ``<>`` to the sender as the client gave it.
+
+        A UTF-8 sender can only be reached with SMTPUTF8, and the DSN's
+        ``To:`` then holds that UTF-8 address: the DSN message declares it.
+        """
         now = self.clock()
-        content = build_dsn(reporting_mta=self.hostname, original=message,
-                            failures=[(rcpt, reply.status, str(reply)) for rcpt, reply in failed.items()],
+        content = build_dsn(reporting_mta=self.hostname, original=original, failures=failures,
                             now=now)
-        dsn = Message(queue_id=new_queue_id(), sender="", recipients=(message.bounce_to,),
-                      content=content)
+        dsn = Message(queue_id=new_queue_id(), sender="", recipients=(original.bounce_to,),
+                      content=content, smtputf8=not original.bounce_to.isascii())
         self.spool.put(dsn, dsn.recipients, now, now)
+
+
+def _domain_outcome(message: Message, recipients: Sequence[str], task: asyncio.Task[dict[str, Reply]],
+                    finished: bool) -> dict[str, Reply]:
+    """One domain's replies: its result, its exception's failure, or TIMED_OUT if unfinished."""
+    if not finished or task.cancelled():
+        return {rcpt: TIMED_OUT for rcpt in recipients}
+    error = task.exception()
+    if error is not None:
+        return {rcpt: internal_failure(message.queue_id, error) for rcpt in recipients}
+    return task.result()
+
+
+async def _record_delivered(message: Message, accepted: list[str],
+                            on_delivered: OnDelivered) -> None:
+    """Tell ``on_delivered``; if that fails, the acceptance still counts.
+
+    The destination has the message whatever our bookkeeping did: reporting
+    it as deferred would send it again.  The scheduler records the returned
+    acceptance once more after the attempt.
+    """
+    try:
+        await on_delivered(accepted)
+    except Exception as error:  # noqa: BLE001  (logged, and the scheduler records it again)
+        log.error("%s: cannot record delivery to %s yet: %s", message.queue_id,
+                  ",".join(accepted), error)

@@ -28,13 +28,13 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, field
 
 from ..smtpd.replies import Reply
+from .base import internal_failure
 from .dsn import EXPIRED, should_bounce
 from .spool import Spool, SpoolCorrupt, SpooledMessage, SpoolError, SpoolNotFound
 
 log = logging.getLogger(__name__)
 
 NO_RESULT = "no result from the delivery attempt"
-ATTEMPT_CRASHED = "internal error during the delivery attempt"
 
 
 @dataclass(frozen=True)
@@ -165,14 +165,18 @@ class RetryScheduler:
             await asyncio.to_thread(self.spool.reschedule, queue_id, next_at, attempts, deferred)
 
     async def _attempt(self, message: SpooledMessage) -> AttemptResult:
-        """The callback's result; a crash in it defers everyone instead of losing track."""
+        """The callback's result; a crash in it defers everyone instead of losing track.
+
+        The reason recorded names the exception, and its traceback is logged
+        once, not on each of the many passes until the message expires.
+        """
         try:
             return await self.attempt(message)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("%s: delivery attempt failed", message.queue_id)
-            return AttemptResult(deferred={r: ATTEMPT_CRASHED for r in message.pending})
+        except Exception as error:  # noqa: BLE001  (internal_failure logs it)
+            reason = str(internal_failure(message.queue_id, error))
+            return AttemptResult(deferred={r: reason for r in message.pending})
 
     async def _record(self, message: SpooledMessage, result: AttemptResult) -> SpooledMessage:
         """Mark delivered, then bounce and mark failed; returns the updated message."""

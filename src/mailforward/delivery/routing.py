@@ -24,29 +24,30 @@ caller never has to interpret DNS outcomes itself.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import TypeVar
 
-import dns.asyncresolver
-import dns.exception
 import dns.name
-import dns.nameserver
 import dns.rdata
-import dns.resolver
 from dns.rdtypes.ANY.MX import MX
 from dns.rdtypes.IN.A import A
 from dns.rdtypes.IN.AAAA import AAAA
 
 from ..addresses import normalize_domain
+from ..dns import (
+    DnsTemporaryError,
+    ip_address_text,
+    make_resolver,
+    parse_port,
+    resolve,
+    split_host_port,
+)
 from ..errors import AddressError, ConfigError, MailforwardError
 from ..smtpd.replies import Reply
 
 DEFAULT_PORT = 25
-MAX_ATTEMPT_TIMEOUT = 2.0  # per nameserver try; dnspython's own default
 
 _NOT_FOUND = "Host or domain name not found."
 
@@ -108,19 +109,6 @@ class _HostAddresses:
     failure: _Lookup | None
 
 
-def parse_nameserver(text: str) -> tuple[str, int]:
-    """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address, as (address, port).
-
-    Only IP literals: a nameserver named by hostname would need a resolver to
-    find the resolver.
-    """
-    host, port_text, _ = _split_host_port(text)
-    address = _ip_address(host)
-    if address is None:
-        raise ConfigError(f"invalid nameserver {text!r}: not an IP address")
-    return address, 53 if port_text is None else _parse_port(port_text, text)
-
-
 def parse_relayhost(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int, bool]:
     """Postfix ``relayhost`` syntax as (host, port, bracketed).
 
@@ -128,49 +116,17 @@ def parse_relayhost(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, i
     ``[IPv6:addr]`` and ``[addr]`` for IPv6.  IP addresses come back
     canonical, names normalised like every other domain.
     """
-    host, port_text, bracketed = _split_host_port(text)
+    host, port_text, bracketed = split_host_port(text)
     if bracketed and host[:5].lower() == "ipv6:":
         host = host[5:]
-    port = default_port if port_text is None else _parse_port(port_text, text)
-    address = _ip_address(host)
+    port = default_port if port_text is None else parse_port(port_text, text)
+    address = ip_address_text(host)
     if address is not None:
         return address, port, bracketed
     try:
         return normalize_domain(host), port, bracketed
     except AddressError as e:
         raise ConfigError(f"invalid relay host {text!r}: {e}") from None
-
-
-def _split_host_port(text: str) -> tuple[str, str | None, bool]:
-    """``[host]:port``, ``[host]``, ``host:port``, ``host`` or a bare IPv6 address.
-
-    Returns (host, port text or None, bracketed).  A bare IPv6 address has
-    more than one colon, so it cannot carry a port: brackets are needed then.
-    """
-    entry = text.strip()
-    if entry.startswith("["):
-        host, sep, rest = entry[1:].partition("]")
-        if not sep or not host or (rest and not rest.startswith(":")):
-            raise ConfigError(f"invalid host {text!r}")
-        return host, (rest[1:] if rest else None), True
-    if entry.count(":") == 1:
-        host, _, port_text = entry.partition(":")
-        return host, port_text, False
-    return entry, None, False
-
-
-def _parse_port(port_text: str, whole: str) -> int:
-    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
-        raise ConfigError(f"invalid port in {whole!r}")
-    return int(port_text)
-
-
-def _ip_address(text: str) -> str | None:
-    """The canonical form of an IP address, or None when ``text`` is not one."""
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return None
 
 
 def _literal_address(domain: str) -> str | None:
@@ -180,41 +136,10 @@ def _literal_address(domain: str) -> str | None:
     inner = domain[1:-1]
     if inner[:5].lower() == "ipv6:":
         inner = inner[5:]
-    address = _ip_address(inner)
+    address = ip_address_text(inner)
     if address is None:
         raise PermanentRoutingError(Reply(550, "5.1.3", f"<{domain}>: Bad address literal"))
     return address
-
-
-def make_resolver(nameservers: Sequence[str], timeout: float) -> dns.asyncresolver.Resolver:
-    """An asyncio resolver for the given nameservers, or the system's when there are none."""
-    return _configure(dns.asyncresolver.Resolver, nameservers, timeout)
-
-
-def make_sync_resolver(nameservers: Sequence[str], timeout: float) -> dns.resolver.Resolver:
-    """The same, blocking: for libraries that resolve synchronously (pyspf, dkimpy)."""
-    return _configure(dns.resolver.Resolver, nameservers, timeout)
-
-
-R = TypeVar("R", dns.asyncresolver.Resolver, dns.resolver.Resolver)
-
-
-def _configure(kind: type[R], nameservers: Sequence[str], timeout: float) -> R:
-    """``timeout`` bounds each lookup as a whole; a single nameserver try gets
-    at most half of it, so a silent first nameserver leaves time for the next.
-    """
-    if nameservers:
-        resolver = kind(configure=False)
-        resolver.nameservers = [dns.nameserver.Do53Nameserver(address, port)
-                                for address, port in map(parse_nameserver, nameservers)]
-    else:
-        try:
-            resolver = kind()
-        except dns.resolver.NoResolverConfiguration as e:
-            raise ConfigError(f"no nameservers configured and no system resolver: {e}") from None
-    resolver.lifetime = timeout
-    resolver.timeout = min(MAX_ATTEMPT_TIMEOUT, timeout / 2)
-    return resolver
 
 
 def _is_null_mx(records: Sequence[MX]) -> bool:
@@ -258,7 +183,7 @@ class MxRouter:
         Raises ConfigError when ``relay`` is not valid relayhost syntax.
         """
         host, port, bracketed = parse_relayhost(relay, self.port)
-        if _ip_address(host) is not None:
+        if ip_address_text(host) is not None:
             return [NextHop(host, host, port)]
         if bracketed:
             return await self._host_hops([host], port, subject=host, status="5.1.2")
@@ -331,16 +256,13 @@ class MxRouter:
         return _HostAddresses(host, (), temporary[0] if temporary else lookups[0])
 
     async def _query(self, name: str, rdtype: str) -> _Lookup:
-        """One DNS lookup, its exceptions turned into the three outcomes routing cares about."""
+        """One DNS lookup, as the three outcomes routing cares about (policy: ``mailforward.dns``)."""
         try:
-            qname = dns.name.from_text(name)
-            answer = await self._resolver.resolve(qname, rdtype, search=False)
-        except (dns.resolver.NXDOMAIN, dns.resolver.YXDOMAIN, dns.name.NameTooLong,
-                dns.name.LabelTooLong, dns.name.EmptyLabel):
-            return _Lookup(name, rdtype, _Outcome.NXDOMAIN)
-        except dns.resolver.NoAnswer:
-            return _Lookup(name, rdtype, _Outcome.NODATA)
-        except (dns.exception.DNSException, OSError):
-            # SERVFAIL/REFUSED from every server (NoNameservers), timeouts, network errors.
+            answer = await resolve(self._resolver, name, rdtype)
+        except DnsTemporaryError:
             return _Lookup(name, rdtype, _Outcome.TEMPORARY)
-        return _Lookup(name, rdtype, _Outcome.FOUND, tuple(answer))
+        if answer.nxdomain:
+            return _Lookup(name, rdtype, _Outcome.NXDOMAIN)
+        if not answer.records:
+            return _Lookup(name, rdtype, _Outcome.NODATA)
+        return _Lookup(name, rdtype, _Outcome.FOUND, answer.records)

@@ -94,10 +94,15 @@ class SpoolEntry:
     client_ip: str = ""
     smtputf8: bool = False
     original_sender: str = ""  # before SRS: where a DSN goes
+    aliases: Mapping[str, str] = field(default_factory=dict)  # destination -> address used
 
     @property
     def bounce_to(self) -> str:
         return self.original_sender or self.sender
+
+    def alias_of(self, destination: str) -> str:
+        """As :meth:`.base.Message.alias_of`: what a DSN may call ``destination``."""
+        return self.aliases.get(destination, destination)
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,7 @@ class SpooledMessage(SpoolEntry):
     def message(self) -> Message:
         """The message to attempt again: addressed to the pending recipients only."""
         return Message(self.queue_id, self.sender, self.pending, self.content,
-                       self.client_ip, self.smtputf8, self.original_sender)
+                       self.client_ip, self.smtputf8, self.original_sender, self.aliases)
 
 
 Entries = list[SpoolEntry]  # spelled out here: inside Spool, ``list`` is the method
@@ -153,8 +158,8 @@ class Spool:
             failed=(), created=now, attempts=attempts, next_attempt=next_attempt,
             errors={r: e for r, e in (errors or {}).items() if r in pending_set},
             size=len(message.content), client_ip=message.client_ip,
-            original_sender=message.original_sender,
-            smtputf8=message.smtputf8, content=message.content)
+            original_sender=message.original_sender, aliases=dict(message.aliases),
+            smtputf8=message.smtputf8, content=bytes(message.content))
         self._write(spooled, exclusive=True)
         return spooled
 
@@ -365,7 +370,7 @@ def _encode_header(message: SpoolEntry) -> bytes:
         "attempts": message.attempts, "next_attempt": message.next_attempt,
         "errors": dict(message.errors), "size": message.size,
         "client_ip": message.client_ip, "smtputf8": message.smtputf8,
-        "original_sender": message.original_sender,
+        "original_sender": message.original_sender, "aliases": dict(message.aliases),
     }
     # ensure_ascii: the line can never contain a raw newline or invalid UTF-8
     return json.dumps(header, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
@@ -383,18 +388,15 @@ def _decode_header(line: bytes, name: str) -> SpoolEntry:
         raise ValueError("unknown envelope format")
     if data.get("queue_id") != name:
         raise ValueError(f"envelope is for queue id {data.get('queue_id')!r}")
-    errors = data.get("errors")
-    if not (isinstance(errors, dict)
-            and all(isinstance(v, str) for v in errors.values())):
-        raise ValueError("bad field 'errors'")
     return SpoolEntry(
         queue_id=name, sender=_field(data, "sender", str),
         pending=_addresses(data, "pending"), delivered=_addresses(data, "delivered"),
         failed=_addresses(data, "failed"), created=_number(data, "created"),
         attempts=_field(data, "attempts", int), next_attempt=_number(data, "next_attempt"),
-        errors=errors, size=_field(data, "size", int),
+        errors=_strings(data, "errors"), size=_field(data, "size", int),
         client_ip=_field(data, "client_ip", str), smtputf8=_field(data, "smtputf8", bool),
-        original_sender=str(data.get("original_sender", "")))
+        original_sender=str(data.get("original_sender", "")),
+        aliases=_strings(data, "aliases", missing={}))
 
 
 T = TypeVar("T")
@@ -419,6 +421,19 @@ def _addresses(data: dict[str, Any], key: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
         raise ValueError(f"bad field {key!r}")
     return tuple(value)
+
+
+def _strings(data: dict[str, Any], key: str,
+             missing: dict[str, str] | None = None) -> dict[str, str]:
+    """A JSON object of strings (``errors``, ``aliases``), or ValueError.
+
+    ``missing`` is the value when the key is absent: a field added after
+    files were written (``aliases``) must not make those files corrupt.
+    """
+    value = data.get(key, missing)
+    if not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
+        raise ValueError(f"bad field {key!r}")
+    return value
 
 
 # --- small helpers

@@ -57,12 +57,12 @@ _STUFFED_DOT = re.compile(rb"(?m)^\.")
 _BDAT = re.compile(r"(\d{1,10})(?: +(LAST))?", re.IGNORECASE)
 
 
-def normalize_line_ends(data: bytes) -> bytes:
+def normalize_line_ends(data: bytes | bytearray) -> bytearray:
     """Every bare CR and bare LF becomes CRLF (RFC 5322 2.3 allows no other line end)."""
-    return _LINE_END.sub(b"\r\n", data)
+    return bytearray(_LINE_END.sub(b"\r\n", data))
 
 
-def has_bare_line_end(data: bytes) -> bool:
+def has_bare_line_end(data: bytes | bytearray) -> bool:
     crlf = data.count(b"\r\n")
     return data.count(b"\n") != crlf or data.count(b"\r") != crlf
 
@@ -90,7 +90,10 @@ class SessionHandler(Protocol):
     async def rcpt(self, session: ClientSession, txn: Transaction, path: str,
                    params: list[str]) -> Reply: ...
 
-    async def data(self, session: ClientSession, txn: Transaction, content: bytes) -> Reply: ...
+    async def data(self, session: ClientSession, txn: Transaction,
+                   content: bytearray) -> Reply:
+        """The complete message, CRLF only; the buffer is the handler's to edit in place."""
+        ...
 
 
 class _Closed(Exception):
@@ -105,7 +108,7 @@ class Wire(asyncio.Protocol):
     text can hide in a library buffer and be read as if it came over TLS.
     """
 
-    HIGH_WATER = 1024 * 1024  # stop reading from a client this far ahead of us
+    HIGH_WATER = 256 * 1024  # stop reading from a client this far ahead of us
 
     def __init__(self, start: Callable[[Wire], None]) -> None:
         self.start = start
@@ -343,7 +346,7 @@ class SmtpConnection:
                 kept += piece
         return bytes(kept)
 
-    async def read_data(self) -> bytes | Reply:
+    async def read_data(self) -> bytearray | Reply:
         """The message after DATA, up to ``<CRLF>.<CRLF>``, unstuffed and line-normalised.
 
         The data begins at a line start, so a first line of "." ends it too.
@@ -371,14 +374,12 @@ class SmtpConnection:
         self.buffer = data[rest:]
         if dropped + content_end > limit:
             return replies.MESSAGE_TOO_BIG
-        del data[content_end:]
-        content = bytes(data)
-        del data
-        if b"\n." in content or content[:1] == b".":
-            content = _STUFFED_DOT.sub(b"", content)
-        return self.line_ends(content)
+        del data[content_end:]  # the buffer becomes the message: no second copy
+        if data.find(b"\n.") >= 0 or data[:1] == b".":
+            data = bytearray(_STUFFED_DOT.sub(b"", data))
+        return self.line_ends(data)
 
-    def line_ends(self, content: bytes) -> bytes | Reply:
+    def line_ends(self, content: bytearray) -> bytearray | Reply:
         """Apply the bare-newline policy to a complete message."""
         if not has_bare_line_end(content):
             return content
@@ -492,12 +493,12 @@ class SmtpConnection:
             await self.send(str(replies.chunk_received(size)))
             return
         if self.chunks_size > self.settings.message_size_limit:
-            content: bytes | Reply = replies.MESSAGE_TOO_BIG
+            content: bytearray | Reply = replies.MESSAGE_TOO_BIG
         else:
-            content = self.line_ends(bytes(self.chunks))
+            content, self.chunks = self.line_ends(self.chunks), None
         await self._finish(content)
 
-    async def _finish(self, content: bytes | Reply) -> None:
+    async def _finish(self, content: bytearray | Reply) -> None:
         """The end of DATA or the last BDAT: one reply, then a fresh transaction."""
         if content in (replies.BARE_NEWLINE, replies.BARE_CARRIAGE_RETURN):
             assert isinstance(content, Reply)

@@ -21,7 +21,7 @@ from ..auth.verify import AuthVerdict
 from ..config import ServerSettings
 from ..delivery.base import Delivery, Message, new_queue_id
 from ..errors import AddressError, AuthenticationRefused, TemporaryLookupError
-from ..from_field import read_from_field
+from ..from_field import header_section, read_from_field
 from ..srs import SrsError, SrsRewriter, is_srs_address
 from ..tables import LookupTable
 from . import policy, replies
@@ -222,7 +222,8 @@ class SmtpHandler:
 
     # ------------------------------------------------------------ DATA
 
-    async def data(self, session: ClientSession, envelope: Transaction, content: bytes) -> Reply:
+    async def data(self, session: ClientSession, envelope: Transaction,
+                   content: bytearray) -> Reply:
         queue_id = new_queue_id()
         if count_received_headers(content) > self.settings.hopcount_limit:
             reply = replies.TOO_MANY_HOPS
@@ -242,30 +243,35 @@ class SmtpHandler:
         return reply
 
     async def _forward(self, session: ClientSession, envelope: Transaction, queue_id: str,
-                       content: bytes) -> Reply:
+                       content: bytearray) -> Reply:
         """Verify, add our trace, rewrite the envelope (SRS), sign and seal, then deliver."""
-        content = self._received_header(session, envelope, queue_id) + content
+        content[:0] = self._received_header(session, envelope, queue_id)  # in place: no copy
         refusal = await policy.run_checks(policy.FROM_FIELD_CHECKS,
                                           self._message_context(session, content, None))
         if refusal is not None:
             return refusal
+        outgoing: bytes | bytearray = content  # unchanged unless authentication adds fields
         verdict = None
         if self.auth is not None:
-            content, verdict = await self.auth.verify_inbound(
+            outgoing, verdict = await self.auth.verify_inbound(
                 content, session.client_ip, session.host_name, envelope.mail_from,
                 trusted=session.in_mynetworks)
+            if outgoing is not content:
+                content.clear()  # the verifier's copy is the message now
         refusal = await policy.run_checks(policy.FROM_OWNER_CHECKS,
-                                          self._message_context(session, content, verdict))
+                                          self._message_context(session, outgoing, verdict))
         if refusal is not None:
             return refusal
         if self.auth is not None:
-            content = await self.auth.outbound(content, session.client_ip)
+            outgoing = await self.auth.outbound(outgoing, session.client_ip)
         message = Message(queue_id, envelope.forward_sender, tuple(envelope.destinations),
-                          content, session.client_ip, envelope.smtp_utf8,
-                          original_sender=envelope.mail_from, aliases=dict(envelope.aliases))
+                          outgoing, session.client_ip, envelope.smtp_utf8,
+                          original_sender=envelope.mail_from, aliases=dict(envelope.aliases),
+                          body=envelope.body, dsn_ret=envelope.dsn_ret,
+                          dsn_envid=envelope.dsn_envid, dsn=dict(envelope.dsn))
         return await self.delivery.deliver(message)
 
-    def _message_context(self, session: ClientSession, content: bytes,
+    def _message_context(self, session: ClientSession, content: bytes | bytearray,
                          verdict: AuthVerdict | None) -> policy.MessageContext:
         authenticated: set[str] = set()
         dmarc_pass = ""
@@ -323,7 +329,7 @@ def _about(reply: Reply, subject: str) -> Reply:
     return reply.about(subject) if reply == replies.TEMPORARY_LOOKUP_FAILURE else reply
 
 
-def count_received_headers(content: bytes) -> int:
+def count_received_headers(content: bytes | bytearray) -> int:
     """Received: lines in the header section (up to the first empty line)."""
-    header, _, _ = content.partition(b"\r\n\r\n")
-    return sum(1 for line in header.split(b"\r\n") if line[:9].lower() == b"received:")
+    return sum(1 for line in header_section(content).split(b"\r\n")
+               if line[:9].lower() == b"received:")

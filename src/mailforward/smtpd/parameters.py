@@ -54,7 +54,7 @@ def apply_mail_parameters(txn: Transaction, params: list[str], size_limit: int) 
 
 def recipient_dsn(params: list[str]) -> RecipientDsn | Reply:
     """RCPT TO's DSN parameters, or the refusal for a bad or unknown one."""
-    dsn = RecipientDsn()
+    notify = orcpt = ""
     seen: set[str] = set()
     for param in params:
         name, _, value = param.partition("=")
@@ -63,12 +63,12 @@ def recipient_dsn(params: list[str]) -> RecipientDsn | Reply:
             return replies.BAD_PARAMETER
         seen.add(name)
         if name == "NOTIFY" and _valid_notify(value.upper()):
-            dsn.notify = value.upper()
+            notify = value.upper()
         elif name == "ORCPT" and _valid_orcpt(value):
-            dsn.orcpt = value
+            orcpt = value
         else:
             return replies.BAD_PARAMETER
-    return dsn
+    return RecipientDsn(notify, orcpt)
 
 
 def _valid_notify(value: str) -> bool:

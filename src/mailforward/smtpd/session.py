@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..addresses import Address
+from ..delivery.base import RecipientDsn
+
+__all__ = ["ClientSession", "RecipientDsn", "Transaction"]
 
 
 @dataclass
@@ -23,14 +26,6 @@ class ClientSession:
     host_name: str = ""  # HELO/EHLO argument; "" until the client greets
     extended_smtp: bool = False
     tls: bool = False
-
-
-@dataclass
-class RecipientDsn:
-    """RFC 3461 parameters given with one RCPT, kept for every destination it expands to."""
-
-    notify: str = ""  # "" (not given), "NEVER", or a comma list of SUCCESS, FAILURE, DELAY
-    orcpt: str = ""  # "rfc822;xtext" as the client gave it
 
 
 @dataclass

@@ -1,0 +1,173 @@
+"""The forwarding target stays private: replies and DSNs name the alias the sender used.
+
+A real sink behind the loopback DNS server answers like Postfix does, echoing
+the recipient it refused.  What the sender may see -- the reply passed back
+in the same session, the DSN spooled for it, the bounce after a retry --
+must name the alias, never the target.
+"""
+
+from __future__ import annotations
+
+import email
+import time
+from collections.abc import Iterator
+from email.message import Message as EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from dns_server import LoopbackDNSServer, ZoneResolver
+from test_delivery import _port_free_on
+from test_dsn import status_blocks as dsn_status_blocks
+
+from mailforward.delivery.base import Message
+from mailforward.delivery.client import ClientSettings
+from mailforward.delivery.passthrough import PassThroughDelivery, Router
+from mailforward.delivery.retry import RetryPolicy, RetryScheduler
+from mailforward.delivery.routing import MxRouter
+from mailforward.delivery.spool import Spool
+from mailforward.smtpd.replies import Reply
+
+CONTENT = b"From: sender@ext.test\r\nTo: friend@alias.test\r\nSubject: hi\r\n\r\nbody\r\n"
+ZONE = """
+dest.test.     300 IN MX 10 mx.dest.test.
+mx.dest.test.  300 IN A 127.0.0.2
+"""
+SRS_SENDER = "SRS0=abcd=XY=ext.test=sender@fwd.test"
+SENDER = "sender@ext.test"
+# Postfix's text for an unknown virtual recipient, naming the refused address.
+UNKNOWN = "Recipient address rejected: User unknown in virtual mailbox table"
+
+
+class EchoingSink:
+    """Refuses ``nosuch*`` naming the address in brackets, ``shout*`` naming it upper-cased
+    and bare, ``plain*`` without naming it; defers ``later*`` while ``deferring``, then
+    refuses it; accepts everything else."""
+
+    def __init__(self) -> None:
+        self.deferring = True
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          options: list[str]) -> str:
+        local = address.partition("@")[0]
+        if local.startswith("nosuch") or (local.startswith("later") and not self.deferring):
+            return f"550 5.1.1 <{address}>: {UNKNOWN}"
+        if local.startswith("shout"):
+            return f"550 5.1.1 mailbox {address.upper()} does not exist"
+        if local.startswith("plain"):
+            return "550 5.1.1 No such user here"
+        if local.startswith("later"):
+            return f"451 4.2.0 <{address}>: mailbox busy"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        return "250 2.0.0 Ok: sunk"
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[dict[str, Any]]:
+    port = _port_free_on(["127.0.0.2"])
+    sink = EchoingSink()
+    controller = Controller(sink, hostname="127.0.0.2", port=port)
+    controller.start()
+    with LoopbackDNSServer(ZoneResolver(ZONE)) as dns:
+        yield {"port": port, "sink": sink, "nameserver": dns.nameserver}
+    controller.stop()
+
+
+@pytest.fixture
+def delivery(world: dict[str, Any], tmp_path: Path) -> PassThroughDelivery:
+    world["sink"].deferring = True
+    router = Router(MxRouter([world["nameserver"]], port=world["port"], timeout=2))
+    return PassThroughDelivery(router, Spool(tmp_path / "spool"),
+                               ClientSettings("mx.mailforward.test", 2, 5), RetryPolicy(),
+                               "mx.mailforward.test", passthrough_timeout=5)
+
+
+def forwarded(*targets: str) -> Message:
+    """``friend@alias.test`` and ``pal@alias.test`` forward to ``targets`` (in that order)."""
+    aliases = dict(zip(targets, ["friend@alias.test", "pal@alias.test"]))
+    return Message("PRIV000001", SRS_SENDER, targets, CONTENT, "192.0.2.9",
+                   original_sender=SENDER, aliases=aliases)
+
+
+def the_dsn(delivery: PassThroughDelivery) -> bytes:
+    (entry,) = [e for e in delivery.spool.list() if not e.sender]
+    content: bytes = delivery.spool.get(entry.queue_id).content
+    return content
+
+
+def status_blocks(dsn: bytes) -> list[EmailMessage]:
+    """The per-recipient blocks of the DSN's message/delivery-status part."""
+    return dsn_status_blocks(dsn)[1:]
+
+
+# --- replies passed back in the session
+
+
+async def test_downstream_refusal_names_the_alias_not_the_target(
+        delivery: PassThroughDelivery) -> None:
+    reply = await delivery.deliver(forwarded("nosuch@dest.test"))
+    assert reply == Reply(550, "5.1.1", f"<friend@alias.test>: {UNKNOWN}")
+
+
+async def test_downstream_refusal_without_an_address_is_prefixed_with_the_alias(
+        delivery: PassThroughDelivery) -> None:
+    reply = await delivery.deliver(forwarded("plain@dest.test"))
+    assert reply == Reply(550, "5.1.1", "<friend@alias.test>: No such user here")
+
+
+async def test_target_is_hidden_whatever_its_case_and_brackets(
+        delivery: PassThroughDelivery) -> None:
+    reply = await delivery.deliver(forwarded("shout@dest.test"))
+    assert reply == Reply(550, "5.1.1",
+                          "<friend@alias.test>: mailbox friend@alias.test does not exist")
+
+
+async def test_downstream_deferral_passed_back_names_the_alias(
+        delivery: PassThroughDelivery) -> None:
+    reply = await delivery.deliver(forwarded("later@dest.test"))
+    assert reply == Reply(451, "4.2.0", "<friend@alias.test>: mailbox busy")
+
+
+# --- DSNs
+
+
+async def test_dsn_reports_the_alias_as_final_and_original_recipient(
+        delivery: PassThroughDelivery) -> None:
+    await delivery.deliver(forwarded("ok@dest.test", "nosuch@dest.test"))
+    [block] = status_blocks(the_dsn(delivery))
+    assert (block["Final-Recipient"], block["Original-Recipient"]) == (
+        "rfc822; pal@alias.test", "rfc822; pal@alias.test")
+
+
+async def test_dsn_diagnostic_code_names_the_alias(delivery: PassThroughDelivery) -> None:
+    await delivery.deliver(forwarded("ok@dest.test", "nosuch@dest.test"))
+    [block] = status_blocks(the_dsn(delivery))
+    assert " ".join(block["Diagnostic-Code"].split()) == (
+        f"smtp; 550 5.1.1 <pal@alias.test>: {UNKNOWN}")
+
+
+async def test_dsn_is_addressed_to_the_original_sender_not_the_srs_address(
+        delivery: PassThroughDelivery) -> None:
+    await delivery.deliver(forwarded("ok@dest.test", "nosuch@dest.test"))
+    assert email.message_from_bytes(the_dsn(delivery))["To"] == SENDER
+
+
+async def test_target_appears_nowhere_in_the_dsn(delivery: PassThroughDelivery) -> None:
+    await delivery.deliver(forwarded("ok@dest.test", "nosuch@dest.test"))
+    assert b"nosuch@dest.test" not in the_dsn(delivery).lower()
+
+
+async def test_bounce_after_a_retry_still_names_only_the_alias(
+        delivery: PassThroughDelivery, world: dict[str, Any]) -> None:
+    assert (await delivery.deliver(forwarded("ok@dest.test", "later@dest.test"))).code == 250
+    world["sink"].deferring = False  # now later@ is refused: the retry bounces it
+    scheduler = RetryScheduler(delivery.spool, delivery.retry_policy, delivery.attempt_spooled,
+                               delivery.bounce)
+    await scheduler.run_once(now=time.time() + 3600)
+    dsn = the_dsn(delivery)
+    assert b"later@dest.test" not in dsn.lower()
+    assert [b["Final-Recipient"] for b in status_blocks(dsn)] == ["rfc822; pal@alias.test"]
