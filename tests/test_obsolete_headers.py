@@ -21,7 +21,7 @@ from mail_dkim import mail_dkim_verify, mail_dkim_verify_arc
 
 from mailforward.auth.arc import ArcSealer
 from mailforward.auth.dkim import DkimKey, DkimSigner, generate_key, load_dkim
-from mailforward.auth.headerfields import dkimpy_view
+from mailforward.headerfields import dkimpy_view
 from mailforward.auth.pipeline import MessageAuthenticator
 from mailforward.auth.verify import AuthVerdict, DkimVerdict, Verifier
 from mailforward.config import DkimSettings

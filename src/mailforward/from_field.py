@@ -26,13 +26,13 @@ from dataclasses import dataclass
 
 from .addresses import normalize_domain
 from .errors import AddressError
+from .headerfields import field_name, header_block, split_header
 
 MAX_COMMENT_DEPTH = 20
 
 # atext (RFC 5322 3.2.3) plus any non-ASCII character (RFC 6532 3.2).
 _ATEXT = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u0080-\U0010ffff]+")
-_FIELD_NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")
-_FOLD = re.compile(rb"\r\n(?=[ \t])")
+_FOLD = re.compile(rb"\r?\n(?=[ \t])")
 
 
 class FromProblem(enum.Enum):
@@ -77,21 +77,9 @@ def header_values(message: bytes | bytearray, wanted: bytes) -> list[bytes]:
     A name followed by white space before the colon (obsolete syntax, RFC 5322
     4.5.3) is the same field: MUAs read ``From :`` as From.
     """
-    header = header_section(message)
-    values = []
-    for field in re.split(rb"\r\n(?![ \t])", header):
-        match = _FIELD_NAME.match(field)
-        if match and match.group(1).lower() == wanted:
-            values.append(_FOLD.sub(b"", field[match.end():]).strip(b" \t"))
-    return values
-
-
-def header_section(message: bytes | bytearray) -> bytes:
-    """The header fields, without the empty line; a slice, never a copy of the body."""
-    if message.startswith(b"\r\n"):
-        return b""
-    end = message.find(b"\r\n\r\n")
-    return bytes(message[:end] if end >= 0 else message)
+    fields, _ = split_header(header_block(message))
+    return [_FOLD.sub(b"", field.partition(b":")[2]).strip(b" \t\r\n")
+            for field in fields if field_name(field) == wanted]
 
 
 # --- tokens -------------------------------------------------------------------

@@ -9,7 +9,7 @@ ARC-Authentication-Results, takes the chain validation state from its
 instance number.  An intact incoming chain is continued (``cv=pass``), a
 broken one sealed with ``cv=fail``, none started (``cv=none``).
 
-dkimpy seals :func:`~mailforward.auth.headerfields.dkimpy_view` (its parser
+dkimpy seals :func:`~mailforward.headerfields.dkimpy_view` (its parser
 refuses obsolete header syntax); ARC canonicalizes relaxed only, so the seal
 is valid for the original bytes, which are what we send.
 """
@@ -23,7 +23,7 @@ import dkim  # type: ignore[import-untyped]
 from ..config import ArcSettings
 from ..errors import ConfigError
 from .dkim import DkimConfig, DkimKey, load_key
-from .headerfields import dkimpy_view
+from ..headerfields import dkimpy_view
 
 log = logging.getLogger("mailforward.arc")
 

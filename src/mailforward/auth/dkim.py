@@ -19,7 +19,7 @@ opendkim-genkey writes them (PKCS#1 or PKCS#8; Ed25519 as PKCS#8), or
 dkimpy's bare base64 Ed25519 seed.
 
 dkimpy's parser refuses header fields in RFC 5322's obsolete syntax
-(``Name  : value``); it reads them through ``auth.headerfields``, which
+(``Name  : value``); it reads them through ``headerfields``, which
 keeps the names as written, so a signature covers the bytes we send, in
 either canonicalization.
 """
@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from ..config import DkimSettings
 from ..errors import ConfigError
 from ..private_files import create_private_file
-from .headerfields import dkimpy_parse, dkimpy_view
+from ..headerfields import dkimpy_parse, dkimpy_view
 
 __all__ = [
     "OVERSIGN_HEADERS",

@@ -20,7 +20,6 @@ address, when it acts as if ``p=none`` had been published.
 
 from __future__ import annotations
 
-import email.utils
 import functools
 import importlib.resources
 import re
@@ -30,9 +29,7 @@ from typing import NamedTuple
 
 from publicsuffix2 import PublicSuffixList  # type: ignore[import-untyped]
 
-from ..addresses import normalize_domain
-from ..errors import AddressError
-from .headerfields import field_values
+from ..from_field import FromProblem, read_from_field
 
 __all__ = [
     "POLICIES",
@@ -241,20 +238,16 @@ def dmarc_result(policy: DmarcPolicy, from_domain: str, spf: Authenticated,
 
 
 def from_domain_of(message: bytes) -> tuple[str, str]:
-    """(domain, problem) of the RFC 5322 From (RFC 7489 6.6.1).
+    """(domain, problem) of the RFC 5322 From (RFC 7489 6.6.1), read by ``from_field``.
 
     ``("", "none")`` without a From field; ``("", "permerror")`` when it is
-    repeated, unparseable, or names several domains; otherwise the
-    normalised domain and "".
+    repeated or not exactly one mailbox; otherwise the normalised domain and
+    "".  The same reader decides the From policy, so the domain DMARC judges
+    is the domain the policy judged.
     """
-    values = field_values(message, b"from")
-    if not values:
+    field = read_from_field(message)
+    if field.problem is FromProblem.MISSING:
         return "", "none"
-    addresses = email.utils.getaddresses(values) if len(values) == 1 else []
-    if not addresses or not all("@" in address for _, address in addresses):
+    if field.problem is not None:
         return "", "permerror"
-    try:
-        domains = {normalize_domain(address.rpartition("@")[2]) for _, address in addresses}
-    except AddressError:
-        return "", "permerror"
-    return (domains.pop(), "") if len(domains) == 1 else ("", "permerror")
+    return field.domain, ""

@@ -19,7 +19,7 @@ NODATA are "not there", everything else ``DnsTemporaryError``):
   (``auth.dmarc``) takes a TXT lookup the same way.
 
 dkimpy parses a copy of the message with obsolete-syntax white space before
-header colons removed, and hashes the names as written (``auth.headerfields``),
+header colons removed, and hashes the names as written (``headerfields``),
 so mail a compliant verifier accepts is never failed because dkimpy's parser
 is stricter than RFC 5322.  A message dkimpy still cannot parse is malformed:
 its signatures are ``permerror`` and DMARC is decided by SPF alone, so
@@ -63,7 +63,7 @@ from .dmarc import (
     from_domain_of,
     org_domain,
 )
-from .headerfields import dkimpy_parse, dkimpy_view, field_name, split_header
+from ..headerfields import dkimpy_parse, dkimpy_view, field_name, split_header
 
 __all__ = [
     "MAX_DKIM_SIGNATURES",

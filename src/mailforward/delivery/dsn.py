@@ -31,7 +31,7 @@ from email.utils import format_datetime, make_msgid
 from io import BytesIO
 from typing import Protocol
 
-from ..from_field import header_section
+from ..headerfields import header_block
 from .base import conceal_destinations
 
 DSN_POLICY = compat32.clone(linesep="\r\n")
@@ -142,7 +142,7 @@ def original_headers(content: bytes | bytearray) -> bytes:
     smuggle body lines in.  Non-ASCII bytes become ``?`` (the part is 7-bit).
     """
     lines: list[bytes] = []
-    for line in header_section(content).splitlines():
+    for line in header_block(content).splitlines():
         if not HEADER_LINE.match(line) or (not lines and line[:1] in b" \t"):
             break
         lines.append(re.sub(rb"[^\t\x20-\x7e]", b"?", line))

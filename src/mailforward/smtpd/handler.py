@@ -21,7 +21,8 @@ from ..auth.verify import AuthVerdict
 from ..config import ServerSettings
 from ..delivery.base import Delivery, Message, new_queue_id
 from ..errors import AddressError, AuthenticationRefused, TemporaryLookupError
-from ..from_field import header_section, read_from_field
+from ..from_field import read_from_field
+from ..headerfields import header_block
 from ..srs import SrsError, SrsRewriter, is_srs_address
 from ..tables import LookupTable
 from . import policy, replies
@@ -331,5 +332,5 @@ def _about(reply: Reply, subject: str) -> Reply:
 
 def count_received_headers(content: bytes | bytearray) -> int:
     """Received: lines in the header section (up to the first empty line)."""
-    return sum(1 for line in header_section(content).split(b"\r\n")
+    return sum(1 for line in header_block(content).split(b"\r\n")
                if line[:9].lower() == b"received:")

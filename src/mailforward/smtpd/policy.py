@@ -22,7 +22,7 @@ from enum import Enum
 from typing import TypeVar
 
 from ..addresses import Address, is_fqdn
-from ..auth.verify import org_domain
+from ..auth.dmarc import org_domain
 from ..from_field import FromField, FromProblem
 from ..errors import TemporaryLookupError
 from ..tables import LookupTable

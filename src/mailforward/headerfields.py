@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = ["WrittenName", "dkimpy_parse", "dkimpy_view", "field_name", "field_values",
-           "split_header"]
+           "header_block", "split_header"]
 
 _OBSOLETE_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]+:")
 """A field name (printable ASCII but ':') followed by WSP before its colon."""
@@ -39,16 +39,25 @@ _DKIMPY_FIELD = re.compile(rb"[\x21-\x7e]+?:")
 """A line dkimpy's parser takes as a header field (it skips others, such as mbox "From ")."""
 
 
+def header_block(message: bytes | bytearray) -> bytes:
+    """The header section with its line ends, up to (not including) the empty line.
+
+    A slice of the head only: never a copy of a body that can be megabytes.
+    """
+    boundary = _EMPTY_LINE.search(message)
+    return bytes(message if boundary is None else message[:boundary.start()])
+
+
 def split_header(message: bytes) -> tuple[list[bytes], bytes]:
     """(header fields with their folded lines and line ends, the rest verbatim).
 
     The rest starts with the empty line that separates the body, if any.
     Only the header section is split into lines: a body can be megabytes.
     """
-    boundary = _EMPTY_LINE.search(message)
-    end = len(message) if boundary is None else boundary.start()
+    block = header_block(message)
+    end = len(block)
     fields: list[bytes] = []
-    for line in re.findall(rb"[^\n]*\n|[^\n]+\Z", message[:end]):
+    for line in re.findall(rb"[^\n]*\n|[^\n]+\Z", block):
         if line[:1] in (b" ", b"\t") and fields:
             fields[-1] += line
         else:
