@@ -105,4 +105,4 @@ def test_annotated_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parents[1] / "mailforward.example.toml"
     settings = load_settings(example, environ={})
     assert settings.server.listen == ("0.0.0.0:25",)
-    assert settings.srs.domain == "example.org"
+    assert settings.srs.domain == "fwd.example.net"  # dedicated, never a hosted domain
