@@ -9,8 +9,12 @@ pass-through acknowledgement that includes the whole downstream transaction.
 One SMTP session per message, as mail from the Internet arrives.  Everything
 listens on 127.0.0.1; every process started here is stopped by PID at the end.
 
-usage: bench/latency.py [--messages N] [--size BYTES] [--concurrency 1,10,50]
-Needs Postfix's smtp-sink (Debian package postfix) and ``mailforward`` on PATH.
+usage: bench/latency.py [--messages N] [--sizes 1024,102400,1048576] [--concurrency 1,10,50]
+                        [--command "mailforward"]
+Needs Postfix's smtp-sink (Debian package postfix) and ``mailforward`` on PATH
+(or ``--command``, e.g. ``"python3 -m mailforward"`` with PYTHONPATH set to
+another checkout's src/, to measure an older version in the same run).
+Bigger messages get proportionally fewer messages, at least 50.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import asyncio
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,7 +108,7 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
-def start_servers(work: Path) -> tuple[list[subprocess.Popen[bytes]], int, int]:
+def start_servers(work: Path, command: list[str]) -> tuple[list[subprocess.Popen[bytes]], int, int]:
     sink_port, smtp_port = free_port(), free_port()
     user = ["-u", "postfix"] if os.geteuid() == 0 else []
     sink = subprocess.Popen(["smtp-sink", *user, f"127.0.0.1:{sink_port}", "1024"],
@@ -131,8 +134,8 @@ secret_file = "{work}/srs.secret"
 """)
     for args in (["db", "init"], ["domain", "add", "example.org"],
                  ["alias", "add", "alice@example.org", "alice@sink.test"]):
-        subprocess.run(["mailforward", *args], cwd=work, check=True, stdout=subprocess.DEVNULL)
-    serve = subprocess.Popen(["mailforward", "serve"], cwd=work, stdout=subprocess.DEVNULL,
+        subprocess.run([*command, *args], cwd=work, check=True, stdout=subprocess.DEVNULL)
+    serve = subprocess.Popen([*command, "serve"], cwd=work, stdout=subprocess.DEVNULL,
                              stderr=(work / "serve.log").open("wb"))
     wait_for_port(sink_port)
     wait_for_port(smtp_port)
@@ -148,25 +151,31 @@ def rss_mib(pid: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=1000)
-    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--messages", type=int, default=1000, help="for 1 KB; fewer for larger")
+    parser.add_argument("--sizes", default="1024")
     parser.add_argument("--concurrency", default="1,10,50")
+    parser.add_argument("--command", default="mailforward")
+    parser.add_argument("--no-direct", action="store_true", help="skip the loopback ceiling")
     args = parser.parse_args()
     if not shutil.which("smtp-sink"):
         sys.exit("smtp-sink missing: apt-get install postfix")
-    body = make_body(args.size)
     with tempfile.TemporaryDirectory() as tmp:
-        processes, smtp_port, sink_port = start_servers(Path(tmp))
+        processes, smtp_port, sink_port = start_servers(Path(tmp), args.command.split())
+        paths = [("mailforward", smtp_port)] + ([] if args.no_direct else [("direct-sink", sink_port)])
         try:
-            print(f"messages={args.messages} size={len(body)}B  (one session per message)")
-            print(f"{'path':<14}{'conc':>5}{'msg/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'failed':>8}")
-            for concurrency in (int(c) for c in args.concurrency.split(",")):
-                for name, port in (("mailforward", smtp_port), ("direct-sink", sink_port)):
-                    elapsed, latencies, failed = asyncio.run(
-                        load(port, args.messages, concurrency, body))
-                    print(f"{name:<14}{concurrency:>5}{args.messages / elapsed:>9.0f}"
-                          f"{percentile(latencies, 50) * 1000:>9.1f}"
-                          f"{percentile(latencies, 99) * 1000:>9.1f}{failed:>8}")
+            print(f"{'path':<14}{'size':>9}{'conc':>5}{'msgs':>6}{'msg/s':>9}{'p50 ms':>9}"
+                  f"{'p99 ms':>9}{'failed':>8}")
+            for size in (int(s) for s in args.sizes.split(",")):
+                body = make_body(size)
+                messages = max(50, args.messages * 1024 // max(size, 1024))
+                for concurrency in (int(c) for c in args.concurrency.split(",")):
+                    for name, port in paths:
+                        elapsed, latencies, failed = asyncio.run(
+                            load(port, messages, concurrency, body))
+                        print(f"{name:<14}{len(body):>9}{concurrency:>5}{messages:>6}"
+                              f"{messages / elapsed:>9.0f}"
+                              f"{percentile(latencies, 50) * 1000:>9.1f}"
+                              f"{percentile(latencies, 99) * 1000:>9.1f}{failed:>8}", flush=True)
             print(f"mailforward peak RSS: {rss_mib(processes[1].pid):.0f} MiB")
         finally:
             for process in processes:

@@ -19,12 +19,19 @@ from typing import Any, TypeVar
 import click
 
 from .admin import Admin, AliasRow, DomainRow
-from .logsafety import install_content_guard
 from .config import Settings, load_settings
 from .delivery.spool import InvalidQueueId, Spool, SpoolEntry, SpoolError, SpoolNotFound
 from .errors import AddressError, AdminError, ConfigError, MailforwardError
-from .srs import (SrsConfigError, SrsError, SrsNotRewritten, SrsRewriter, SrsSecretError,
-                  generate_secret_file, rewriter_from_settings)
+from .logsafety import install_content_guard
+from .srs import (
+    SrsConfigError,
+    SrsError,
+    SrsNotRewritten,
+    SrsRewriter,
+    SrsSecretError,
+    generate_secret_file,
+    rewriter_from_settings,
+)
 from .tables import open_admin_database
 
 T = TypeVar("T")
@@ -76,7 +83,7 @@ def run_admin(ctx: click.Context, action: Callable[[Admin], Awaitable[T]]) -> T:
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     for line in [headers, *rows]:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
 
 
 def print_json(value: Any) -> None:
@@ -548,8 +555,8 @@ def _smtp_check_results(settings: Settings, domain_name: str | None, target: str
                         recipient: str | None, sink: str | None, sender: str | None,
                         timeout: float) -> list[Any]:
     from .addresses import parse_address
-    from .config import parse_host_port
     from .dnstools import valid_domain
+    from .hostport import parse_host_port
     from .smtpcheck import DEFAULT_SENDER, SmtpProbe, run_smtp_checks, sink_address
 
     if not recipient:

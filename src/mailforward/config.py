@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from .dns import parse_nameserver
 from .errors import AddressError, ConfigError
+from .hostport import parse_host_port, parse_relayhost
 
 DEFAULT_CONFIG_FILE = "mailforward.toml"
 ENV_PREFIX = "MAILFORWARD_"
@@ -137,8 +139,6 @@ class DeliverySettings:
 
     def __post_init__(self) -> None:
         # The parsers delivery uses, so what is accepted here is what works there.
-        from .delivery.routing import parse_relayhost
-        from .dns import parse_nameserver
 
         for key, values, parse in (("relay_host", [self.relay_host] if self.relay_host else [],
                                     parse_relayhost),
@@ -306,23 +306,6 @@ def parse_database_url(url: str) -> DatabaseUrl:
     hosts = tuple(parse_host_port(h, "[database] url", default_port=3306) for h in hostlist.split(","))
     return DatabaseUrl("mysql", user=unquote(user), password=unquote(password),
                        hosts=hosts, dbname=unquote(dbname))
-
-
-def parse_host_port(text: str, key: str, default_port: int | None = None) -> tuple[str, int]:
-    """Split ``host:port`` or ``[v6]:port``; the port is required unless a default is given."""
-    text = text.strip()
-    if text.startswith("["):
-        host, _, port = text[1:].partition("]")
-        port = port.removeprefix(":")
-    elif text.count(":") == 1:
-        host, _, port = text.partition(":")
-    else:
-        host, port = text, ""
-    if not port and default_port is not None:
-        return host, default_port
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"{key}: {text!r} is not host:port")
-    return host, int(port)
 
 
 def count_parameters(query: str) -> int:

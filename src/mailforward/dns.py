@@ -21,7 +21,6 @@ resolver sees what the server sees, and the system's otherwise.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -35,19 +34,17 @@ import dns.resolver
 from dns.rdtypes.ANY.TXT import TXT
 
 from .errors import ConfigError, MailforwardError
+from .hostport import ip_address_text, parse_port, split_host_port
 
 __all__ = [
     "MAX_ATTEMPT_TIMEOUT",
     "Answer",
     "DnsTemporaryError",
-    "ip_address_text",
     "make_resolver",
     "make_sync_resolver",
     "parse_nameserver",
-    "parse_port",
     "resolve",
     "resolve_sync",
-    "split_host_port",
     "txt_records",
     "txt_records_sync",
 ]
@@ -87,39 +84,6 @@ class Answer:
 
 
 # ---------------------------------------------------------------- configuration
-
-
-def split_host_port(text: str) -> tuple[str, str | None, bool]:
-    """``[host]:port``, ``[host]``, ``host:port``, ``host`` or a bare IPv6 address.
-
-    Returns (host, port text or None, bracketed).  A bare IPv6 address has
-    more than one colon, so it cannot carry a port: brackets are needed then.
-    """
-    entry = text.strip()
-    if entry.startswith("["):
-        host, sep, rest = entry[1:].partition("]")
-        if not sep or not host or (rest and not rest.startswith(":")):
-            raise ConfigError(f"invalid host {text!r}")
-        return host, (rest[1:] if rest else None), True
-    if entry.count(":") == 1:
-        host, _, port_text = entry.partition(":")
-        return host, port_text, False
-    return entry, None, False
-
-
-def parse_port(port_text: str, whole: str) -> int:
-    """A TCP/UDP port 1-65535; ConfigError naming ``whole`` otherwise."""
-    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
-        raise ConfigError(f"invalid port in {whole!r}")
-    return int(port_text)
-
-
-def ip_address_text(text: str) -> str | None:
-    """The canonical form of an IP address, or None when ``text`` is not one."""
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return None
 
 
 def parse_nameserver(text: str) -> tuple[str, int]:

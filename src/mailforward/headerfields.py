@@ -137,4 +137,4 @@ def _names_as_written(parsed: list[list[bytes]], message: bytes) -> list[list[by
     if len(kept) != len(parsed):  # not the parse of this message's copy: leave it alone
         return parsed
     return [[WrittenName(original.partition(b":")[0]), value] if original != copy
-            else [name, value] for (name, value), (original, copy) in zip(parsed, kept)]
+            else [name, value] for (name, value), (original, copy) in zip(parsed, kept, strict=True)]

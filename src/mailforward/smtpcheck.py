@@ -27,9 +27,9 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 
-from .config import parse_host_port
 from .dnstools import CheckResult
 from .errors import ConfigError
+from .hostport import parse_host_port
 
 PROBE_DOMAIN = "mailforward-check.invalid"  # RFC 2606: never a real destination
 DEFAULT_SENDER = f"checker@{PROBE_DOMAIN}"

@@ -22,8 +22,8 @@ import dkim  # type: ignore[import-untyped]
 
 from ..config import ArcSettings
 from ..errors import ConfigError
-from .dkim import DkimConfig, DkimKey, load_key
 from ..headerfields import dkimpy_view
+from .dkim import DkimConfig, DkimKey, load_key
 
 log = logging.getLogger("mailforward.arc")
 

@@ -39,7 +39,6 @@ import types
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 import dkim  # type: ignore[import-untyped]
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -48,8 +47,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from ..config import DkimSettings
 from ..errors import ConfigError
-from ..private_files import create_private_file
 from ..headerfields import dkimpy_parse, dkimpy_view
+from ..private_files import create_private_file
 
 __all__ = [
     "OVERSIGN_HEADERS",
@@ -90,7 +89,7 @@ TXT_STRING_MAX = 255
 LABEL = r"[a-z0-9]([a-z0-9-]*[a-z0-9])?"
 HOSTNAME = re.compile(rf"^{LABEL}(\.{LABEL})*\.?$", re.I)
 
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class DkimError(ConfigError):

@@ -55,6 +55,7 @@ from dns.rdtypes.txtbase import TXTBase
 from ..addresses import normalize_domain
 from ..dns import DnsTemporaryError, make_sync_resolver, resolve_sync, txt_records_sync
 from ..errors import AddressError
+from ..headerfields import dkimpy_parse, dkimpy_view, field_name, split_header
 from .dmarc import (
     Authenticated,
     aligned,
@@ -63,7 +64,6 @@ from .dmarc import (
     from_domain_of,
     org_domain,
 )
-from ..headerfields import dkimpy_parse, dkimpy_view, field_name, split_header
 
 __all__ = [
     "MAX_DKIM_SIGNATURES",

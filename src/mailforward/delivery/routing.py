@@ -36,18 +36,12 @@ from dns.rdtypes.IN.A import A
 from dns.rdtypes.IN.AAAA import AAAA
 
 from ..addresses import normalize_domain
-from ..dns import (
-    DnsTemporaryError,
-    ip_address_text,
-    make_resolver,
-    parse_port,
-    resolve,
-    split_host_port,
-)
-from ..errors import AddressError, ConfigError, MailforwardError
+from ..dns import DnsTemporaryError, make_resolver, resolve
+from ..errors import AddressError, MailforwardError
+from ..hostport import DEFAULT_SMTP_PORT, ip_address_text, parse_relayhost
 from ..smtpd.replies import Reply
 
-DEFAULT_PORT = 25
+DEFAULT_PORT = DEFAULT_SMTP_PORT
 
 _NOT_FOUND = "Host or domain name not found."
 
@@ -107,26 +101,6 @@ class _HostAddresses:
     host: str
     addresses: tuple[str, ...]
     failure: _Lookup | None
-
-
-def parse_relayhost(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int, bool]:
-    """Postfix ``relayhost`` syntax as (host, port, bracketed).
-
-    ``[host]:port`` (bracketed: no MX lookup), ``host:port``, ``host``;
-    ``[IPv6:addr]`` and ``[addr]`` for IPv6.  IP addresses come back
-    canonical, names normalised like every other domain.
-    """
-    host, port_text, bracketed = split_host_port(text)
-    if bracketed and host[:5].lower() == "ipv6:":
-        host = host[5:]
-    port = default_port if port_text is None else parse_port(port_text, text)
-    address = ip_address_text(host)
-    if address is not None:
-        return address, port, bracketed
-    try:
-        return normalize_domain(host), port, bracketed
-    except AddressError as e:
-        raise ConfigError(f"invalid relay host {text!r}: {e}") from None
 
 
 def _literal_address(domain: str) -> str | None:

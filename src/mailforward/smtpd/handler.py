@@ -13,8 +13,15 @@ import email.utils
 import ipaddress
 import logging
 from collections.abc import Sequence
-from ..addresses import (Address, has_control_characters, is_sendable, normalize_domain,
-                         parse_mailbox, strip_source_route)
+
+from ..addresses import (
+    Address,
+    has_control_characters,
+    is_sendable,
+    normalize_domain,
+    parse_mailbox,
+    strip_source_route,
+)
 from ..aliases import NoDestination, expand_alias
 from ..auth.pipeline import MessageAuthenticator
 from ..auth.verify import AuthVerdict

@@ -23,8 +23,8 @@ from typing import TypeVar
 
 from ..addresses import Address, is_fqdn
 from ..auth.dmarc import org_domain
-from ..from_field import FromField, FromProblem
 from ..errors import TemporaryLookupError
+from ..from_field import FromField, FromProblem
 from ..tables import LookupTable
 from . import replies
 from .replies import Reply

@@ -7,8 +7,8 @@ import logging
 import signal
 import ssl
 
-from ..auth.pipeline import MessageAuthenticator, authenticator_from_settings
 from ..addresses import normalize_domain
+from ..auth.pipeline import MessageAuthenticator, authenticator_from_settings
 from ..config import Settings
 from ..delivery import build_delivery
 from ..delivery.base import Delivery

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from typing import Any
 
-import aiomysql
+import aiomysql  # type: ignore[import-untyped]
 import pymysql
 
 from ..config import DatabaseUrl
@@ -85,7 +85,7 @@ class MysqlDatabase:
     """One transactional connection, for the admin CLI."""
 
     placeholder = "%s"
-    ddl = MARIADB_DDL
+    ddl: tuple[str, ...] = MARIADB_DDL
 
     def __init__(self, conn: aiomysql.Connection) -> None:
         self._conn = conn

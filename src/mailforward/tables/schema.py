@@ -6,7 +6,7 @@ mirrors the case-insensitive matching of the seed's utf8mb4 collation.  Note the
 columns have no AUTO_INCREMENT: the admin code picks the next id itself.
 """
 
-MARIADB_DDL = (
+MARIADB_DDL: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS `domain` (
 `id` int(11) NOT NULL,
 `name` varchar(255) NOT NULL,
@@ -32,7 +32,7 @@ FOREIGN KEY (`domain_id`) REFERENCES `domain` (`id`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
 )
 
-SQLITE_DDL = (
+SQLITE_DDL: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS domain (
 id INTEGER NOT NULL PRIMARY KEY,
 name VARCHAR(255) NOT NULL COLLATE NOCASE UNIQUE,

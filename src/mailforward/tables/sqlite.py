@@ -20,7 +20,7 @@ class SqliteDatabase:
     """One aiosqlite connection; used for lookups (read-only) and by the admin CLI."""
 
     placeholder = "?"
-    ddl = SQLITE_DDL
+    ddl: tuple[str, ...] = SQLITE_DDL
 
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self._conn = conn
