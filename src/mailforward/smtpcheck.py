@@ -13,6 +13,7 @@ and resets, so the probe cannot make the server send mail anywhere.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
 import smtplib
@@ -21,15 +22,16 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.message import EmailMessage
-from typing import Any
-
-from aiosmtpd.controller import Controller
 
 from .dnstools import CheckResult
 from .errors import ConfigError
 from .hostport import parse_host_port
+from .reply import Reply as ServerReply
+from .smtpd import replies
+from .smtpd.engine import EngineSettings, SmtpConnection, Wire
+from .smtpd.session import ClientSession, Transaction
 
 PROBE_DOMAIN = "mailforward-check.invalid"  # RFC 2606: never a real destination
 DEFAULT_SENDER = f"checker@{PROBE_DOMAIN}"
@@ -189,17 +191,56 @@ def check_vrfy(session: Session, probe: SmtpProbe) -> CheckResult:
 # ---------------------------------------------------------------- the sink
 
 
-@dataclass
-class SinkHandler:
-    """Records what arrives; the lock because the probe reads from another thread."""
+class Sink:
+    """A loopback SMTP sink on our own engine: accepts anything, records (sender, content).
 
-    envelopes: list[tuple[str, bytes]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    It runs its own event loop in a thread because the probe is a plain
+    blocking client.  The lock because the probe reads from that other thread.
+    """
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+    ACCEPTED = ServerReply(250, "2.0.0", "Ok: received by mailforward check")
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.envelopes: list[tuple[str, bytes]] = []
+        self.lock = threading.Lock()
+        self.settings = EngineSettings("mailforward-check.invalid", 10_240_000, timeout, 20)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            self.loop.create_server(lambda: Wire(self._session), host, port), self.loop
+        ).result(timeout)
+
+    def _session(self, wire: Wire) -> None:
+        self.loop.create_task(SmtpConnection(self, self.settings, None, wire).run())
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+    # the engine's SessionHandler
+    def connected(self, session: ClientSession, peer: tuple[str, int],
+                  local: tuple[str, int]) -> ServerReply | None:
+        return None
+
+    def disconnected(self, session: ClientSession) -> None:
+        pass
+
+    async def mail(self, session: ClientSession, txn: Transaction, path: str,
+                   params: list[str]) -> ServerReply:
+        txn.has_sender, txn.mail_from = True, path
+        return replies.SENDER_OK
+
+    async def rcpt(self, session: ClientSession, txn: Transaction, path: str,
+                   params: list[str]) -> ServerReply:
+        txn.rcpt_tos.append(path)
+        return replies.RECIPIENT_OK
+
+    async def data(self, session: ClientSession, txn: Transaction, content: bytearray) -> ServerReply:
         with self.lock:
-            self.envelopes.append((str(envelope.mail_from), bytes(envelope.content)))
-        return "250 2.0.0 Ok: received by mailforward check"
+            self.envelopes.append((txn.mail_from, bytes(content)))
+        return self.ACCEPTED
 
     def wait_for(self, token: str, timeout: float) -> str | None:
         """The envelope sender of the message carrying ``token``, or None when it never came."""
@@ -242,20 +283,17 @@ def check_srs(probe: SmtpProbe) -> CheckResult:
     if probe.sink is None:
         return CheckResult(item, False, "not checked: give --sink HOST:PORT, a loopback address "
                                         "the server delivers --to to")
-    handler = SinkHandler()
-    controller = Controller(handler, hostname=probe.sink[0], port=probe.sink[1],
-                            ready_timeout=probe.timeout)
     try:
-        controller.start()
+        sink = Sink(probe.sink[0], probe.sink[1], probe.timeout)
     except (OSError, RuntimeError, TimeoutError) as e:
         return CheckResult(item, False, f"cannot start the sink on {probe.sink[0]}:{probe.sink[1]}: {e}")
     try:
-        return send_through(probe, handler)
+        return send_through(probe, sink)
     finally:
-        controller.stop()
+        sink.close()
 
 
-def send_through(probe: SmtpProbe, handler: SinkHandler) -> CheckResult:
+def send_through(probe: SmtpProbe, handler: Sink) -> CheckResult:
     item = "SRS rewrite"
     token = uuid.uuid4().hex
     try:
