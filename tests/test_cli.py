@@ -30,7 +30,8 @@ def test_quick_start_sequence(cli) -> None:  # type: ignore[no-untyped-def]
     result = cli("alias", "list", "--json")
     assert result.exit_code == 0
     assert json.loads(result.output) == [
-        {"address": "alice@example.org", "destinations": ["alice@dest.test"], "active": True}]
+        {"address": "alice@example.org", "destinations": ["alice@dest.test"], "active": True,
+         "unusable": []}]
 
 
 def test_db_init_twice_is_harmless(cli) -> None:  # type: ignore[no-untyped-def]
@@ -124,3 +125,32 @@ def test_unreachable_database_exits_1() -> None:
                                      "MAILFORWARD_DATABASE__CONNECT_TIMEOUT": "1"})
     assert result.exit_code == 1
     assert "no host answered" in result.output
+
+
+def test_alias_list_splits_a_goto_on_white_space_as_postfix_does(cli, backend: str,  # type: ignore[no-untyped-def]
+                                                                database_url: str) -> None:
+    from mailforward.config import DatabaseSettings
+
+    from conftest import raw_sql
+    cli("db", "init")
+    cli("domain", "add", "example.org")
+    raw_sql(DatabaseSettings(url=database_url), backend,
+            "INSERT INTO alias (id, address, goto, domain_id, active) "
+            "VALUES (901, 'w@example.org', 'c@sink.test d@sink.test', 1, 1)")
+    row, = json.loads(cli("alias", "list", "--json").output)
+    assert row["destinations"] == ["c@sink.test", "d@sink.test"] and row["unusable"] == []
+
+
+def test_alias_list_flags_a_destination_it_cannot_use(cli, backend: str,  # type: ignore[no-untyped-def]
+                                                      database_url: str) -> None:
+    from mailforward.config import DatabaseSettings
+
+    from conftest import raw_sql
+    cli("db", "init")
+    cli("domain", "add", "example.org")
+    raw_sql(DatabaseSettings(url=database_url), backend,
+            "INSERT INTO alias (id, address, goto, domain_id, active) "
+            "VALUES (902, 'x@example.org', 'ok@sink.test,not-an-address', 1, 1)")
+    result = CliRunner().invoke(
+        main, ["alias", "list"], env={"MAILFORWARD_DATABASE__URL": database_url})
+    assert "x@example.org: destination 'not-an-address' is not an address" in result.stderr

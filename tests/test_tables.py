@@ -91,6 +91,15 @@ async def test_goto_with_spaces_is_tolerated(seeded_settings: DatabaseSettings, 
     await table.close()
 
 
+async def test_goto_separated_by_white_space_only_is_two_destinations(
+        seeded_settings: DatabaseSettings, backend: str) -> None:
+    sql = "UPDATE alias SET goto='c@sink.test d@sink.test' WHERE address='alice@example.org'"
+    raw_sql(seeded_settings, backend, sql)
+    table = await open_table(seeded_settings)
+    assert await table.alias_destinations("alice@example.org") == ("c@sink.test", "d@sink.test")
+    await table.close()
+
+
 async def test_legacy_mixed_case_row_still_matches(seeded_settings: DatabaseSettings, backend: str) -> None:
     raw_sql(seeded_settings, backend, "UPDATE alias SET address='Alice@Example.org' WHERE id=1")
     table = await open_table(seeded_settings)

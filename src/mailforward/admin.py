@@ -14,6 +14,7 @@ from typing import Any
 from .addresses import normalize_domain, parse_address
 from .errors import AddressError, AdminError
 from .tables import AdminDatabase
+from .tables.base import split_destinations
 
 MAX_GOTO = 255
 ID_ATTEMPTS = 5
@@ -31,6 +32,19 @@ class AliasRow:
     address: str
     destinations: tuple[str, ...]
     active: bool
+
+    @property
+    def unusable(self) -> tuple[str, ...]:
+        """Destinations expansion skips: not an address mail can be forwarded to."""
+        return tuple(d for d in self.destinations if not _is_destination(d))
+
+
+def _is_destination(text: str) -> bool:
+    try:
+        parse_address(text)
+    except AddressError:
+        return False
+    return True
 
 
 def alias_key(text: str) -> tuple[str, str]:
@@ -161,7 +175,7 @@ class Admin:
             sql += " WHERE a.domain_id=%s"
             params = (await self._domain_id(_domain(domain_text)),)
         rows = await self._fetch(sql + " ORDER BY a.address", *params)
-        return [AliasRow(str(address), tuple(str(goto).split(",")), bool(active))
+        return [AliasRow(str(address), split_destinations(str(goto)), bool(active))
                 for address, goto, active in rows]
 
     async def _alias_id(self, address_text: str) -> tuple[int, str]:

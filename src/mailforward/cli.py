@@ -220,10 +220,14 @@ def alias_list(ctx: click.Context, domain_name: str | None, as_json: bool) -> No
     rows: list[AliasRow] = run_admin(ctx, lambda a: a.list_aliases(domain_name))
     if as_json:
         print_json([{"address": r.address, "destinations": list(r.destinations),
-                     "active": r.active} for r in rows])
-    else:
-        print_table(["ALIAS", "ACTIVE", "DESTINATIONS"],
-                    [[r.address, "yes" if r.active else "no", ",".join(r.destinations)] for r in rows])
+                     "active": r.active, "unusable": list(r.unusable)} for r in rows])
+        return
+    print_table(["ALIAS", "ACTIVE", "DESTINATIONS"],
+                [[r.address, "yes" if r.active else "no", ",".join(r.destinations)] for r in rows])
+    for row in rows:
+        for destination in row.unusable:
+            click.echo(f"warning: {row.address}: destination {destination!r} is not an address "
+                       "mail can be forwarded to; it is skipped", err=True)
 
 
 @alias.command("enable")

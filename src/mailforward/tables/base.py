@@ -9,6 +9,7 @@ instead, and nothing in between may turn one into the other.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol
 
 from ..errors import TemporaryLookupError
@@ -41,5 +42,9 @@ class QueryRunner(Protocol):
 
 
 def split_destinations(goto: str) -> tuple[str, ...]:
-    """``goto`` is a comma-separated list; spaces around items are tolerated."""
-    return tuple(item.strip() for item in goto.split(",") if item.strip())
+    """``goto`` split as Postfix splits a lookup result: on commas and/or white space.
+
+    ``'a@x.test, b@y.test'``, ``'a@x.test b@y.test'`` and ``'a@x.test,b@y.test'``
+    are the same two destinations.
+    """
+    return tuple(item for item in re.split(r"[\s,]+", goto) if item)
