@@ -154,3 +154,33 @@ def test_alias_list_flags_a_destination_it_cannot_use(cli, backend: str,  # type
     result = CliRunner().invoke(
         main, ["alias", "list"], env={"MAILFORWARD_DATABASE__URL": database_url})
     assert "x@example.org: destination 'not-an-address' is not an address" in result.stderr
+
+
+def test_read_only_commands_create_no_database_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "none.db"
+    result = CliRunner().invoke(main, ["alias", "list"],
+                                env={"MAILFORWARD_DATABASE__URL": f"sqlite:///{path}"})
+    assert result.exit_code != 0 and "mailforward db init" in result.output
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("backend", ["mariadb"])
+def test_missing_privilege_is_one_line_naming_it(cli, backend: str,  # type: ignore[no-untyped-def]
+                                                 database_url: str) -> None:
+    """The seed grants the maildb user SELECT and INSERT only: UPDATE must be named, not traced."""
+    import uuid
+    cli("db", "init")
+    cli("domain", "add", "example.org")
+    cli("alias", "add", "alice@example.org", "a@dest.test")
+    dbname = database_url.rsplit("/", 1)[1]
+    user = f"mf_{uuid.uuid4().hex[:8]}"
+    mariadb_execute(dbname, f"CREATE USER '{user}'@'%' IDENTIFIED BY 'pw'",
+                    f"GRANT SELECT, INSERT ON `{dbname}`.* TO '{user}'@'%'")
+    try:
+        result = CliRunner().invoke(main, ["alias", "disable", "alice@example.org"], env={
+            "MAILFORWARD_DATABASE__URL": f"mysql://{user}:pw@127.0.0.1:3306/{dbname}"})
+    finally:
+        mariadb_execute(dbname, f"DROP USER '{user}'@'%'")
+    assert result.exit_code != 0
+    assert "UPDATE command denied" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1

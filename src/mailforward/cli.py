@@ -61,12 +61,13 @@ def settings_from(ctx: click.Context) -> Settings:
     return settings
 
 
-def run_admin(ctx: click.Context, action: Callable[[Admin], Awaitable[T]]) -> T:
+def run_admin(ctx: click.Context, action: Callable[[Admin], Awaitable[T]], *,
+              read_only: bool = False) -> T:
     """Open the database, run one admin action, close it; map our errors to exit codes."""
     settings = settings_from(ctx)
 
     async def go() -> T:
-        db = await open_admin_database(settings.database)
+        db = await open_admin_database(settings.database, read_only=read_only)
         try:
             return await action(Admin(db))
         finally:
@@ -161,7 +162,7 @@ def domain_add(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def domain_list(ctx: click.Context, as_json: bool) -> None:
     """List hosted domains."""
-    rows: list[DomainRow] = run_admin(ctx, lambda a: a.list_domains())
+    rows: list[DomainRow] = run_admin(ctx, lambda a: a.list_domains(), read_only=True)
     if as_json:
         print_json([asdict(r) for r in rows])
     else:
@@ -217,7 +218,7 @@ def alias_add(ctx: click.Context, address: str, destinations: str) -> None:
 @click.pass_context
 def alias_list(ctx: click.Context, domain_name: str | None, as_json: bool) -> None:
     """List aliases, optionally of one domain."""
-    rows: list[AliasRow] = run_admin(ctx, lambda a: a.list_aliases(domain_name))
+    rows: list[AliasRow] = run_admin(ctx, lambda a: a.list_aliases(domain_name), read_only=True)
     if as_json:
         print_json([{"address": r.address, "destinations": list(r.destinations),
                      "active": r.active, "unusable": list(r.unusable)} for r in rows])

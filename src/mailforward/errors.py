@@ -30,6 +30,14 @@ class AdminError(MailforwardError):
     """An admin operation was refused (duplicate, unknown domain, ...)."""
 
 
+class DatabaseMissing(AdminError):
+    """A read-only command found no database file: it creates none."""
+
+
+class DatabasePermissionError(AdminError):
+    """The database user lacks a privilege the operation needs; the message names it."""
+
+
 class AuthenticationRefused(MailforwardError):
     """A message failed an authentication policy we enforce (DMARC p=reject, SPF -all).
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol
 
 from ..config import DatabaseSettings, parse_database_url
+from ..errors import DatabaseMissing
 from .base import LookupTable, TemporaryLookupError
 from .cache import CachedTable
 from .mysql import MysqlDatabase, MysqlPool
@@ -44,8 +46,14 @@ async def open_table(settings: DatabaseSettings, *, cached: bool = True) -> Look
     return table
 
 
-async def open_admin_database(settings: DatabaseSettings) -> AdminDatabase:
+async def open_admin_database(settings: DatabaseSettings, *,
+                              read_only: bool = False) -> AdminDatabase:
+    """The admin CLI's connection.  ``read_only``: the listing commands, which must not
+    create an empty SQLite file where none was."""
     url = parse_database_url(settings.url)
     if url.scheme == "sqlite":
-        return await SqliteDatabase.open(url.path, read_only=False, timeout=settings.query_timeout)
+        if read_only and not Path(url.path).exists():
+            raise DatabaseMissing(f"no database at {url.path}: run 'mailforward db init' first")
+        return await SqliteDatabase.open(url.path, read_only=read_only,
+                                         timeout=settings.query_timeout)
     return await MysqlDatabase.open(url, settings.connect_timeout)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 import aiomysql  # type: ignore[import-untyped]
 import pymysql
 
 from ..config import DatabaseUrl
-from ..errors import TemporaryLookupError
+from ..errors import DatabasePermissionError, TemporaryLookupError
 from .schema import MARIADB_DDL
 
 log = logging.getLogger(__name__)
@@ -97,12 +98,12 @@ class MysqlDatabase:
     async def fetch(self, sql: str, param: Any) -> list[tuple[Any, ...]]:
         params = param if isinstance(param, tuple) else (param,)
         async with self._conn.cursor() as cursor:
-            await cursor.execute(sql, params)
+            await _checked(cursor.execute(sql, params))
             return [tuple(row) for row in await cursor.fetchall()]
 
     async def execute(self, sql: str, params: tuple[Any, ...] = ()) -> None:
         async with self._conn.cursor() as cursor:
-            await cursor.execute(sql, params)
+            await _checked(cursor.execute(sql, params))
 
     async def commit(self) -> None:
         await self._conn.commit()
@@ -116,3 +117,22 @@ class MysqlDatabase:
     @staticmethod
     def is_duplicate(error: Exception) -> bool:
         return isinstance(error, pymysql.err.IntegrityError) and error.args[0] == 1062
+
+
+# Privilege errors (ER_TABLEACCESS_DENIED, ER_DBACCESS_DENIED, ER_ACCESS_DENIED,
+# ER_COLUMNACCESS_DENIED, ER_SPECIFIC_ACCESS_DENIED): the server's own text names
+# the command and table, which is what the operator needs to GRANT.
+_PRIVILEGE_ERRORS = frozenset({1142, 1044, 1045, 1143, 1227})
+
+
+async def _checked(statement: Awaitable[Any]) -> Any:
+    """Run a statement; a missing privilege becomes one line naming it, not a traceback."""
+    try:
+        return await statement
+    except pymysql.err.MySQLError as e:
+        code = e.args[0] if e.args else None
+        if code in _PRIVILEGE_ERRORS:
+            raise DatabasePermissionError(
+                f"the database refused: {e.args[1]} (MariaDB error {code}); "
+                "grant that privilege to the database user") from None
+        raise
