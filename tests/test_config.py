@@ -56,7 +56,7 @@ def test_unknown_section_is_named() -> None:
 
 
 def test_unknown_environment_key_is_named() -> None:
-    with pytest.raises(ConfigError, match=r"\[database\] uri: unknown key"):
+    with pytest.raises(ConfigError, match=r"MAILFORWARD_DATABASE__URI \(environment\): unknown key"):
         load_settings(environ={"MAILFORWARD_DATABASE__URI": "x"})
 
 
@@ -75,7 +75,7 @@ def test_bad_value_is_named(raw: dict[str, dict[str, object]], key: str) -> None
 
 
 def test_bad_environment_value_is_named() -> None:
-    with pytest.raises(ConfigError, match=r"\[database\] pool_size"):
+    with pytest.raises(ConfigError, match=r"MAILFORWARD_DATABASE__POOL_SIZE \(environment\)"):
         load_settings(environ={"MAILFORWARD_DATABASE__POOL_SIZE": "ten"})
 
 
@@ -106,3 +106,13 @@ def test_annotated_example_config_is_valid() -> None:
     settings = load_settings(example, environ={})
     assert settings.server.listen == ("0.0.0.0:25",)
     assert settings.srs.domain == "fwd.example.net"  # dedicated, never a hosted domain
+
+
+def test_error_about_an_environment_value_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match=r"^MAILFORWARD_SERVER__MESSAGE_SIZE_LIMIT \(environment\): "):
+        load_settings(None, environ={"MAILFORWARD_SERVER__MESSAGE_SIZE_LIMIT": "-5"})
+
+
+def test_type_error_about_an_environment_value_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match=r"^MAILFORWARD_SERVER__RECIPIENT_LIMIT \(environment\): 'abc'"):
+        load_settings(None, environ={"MAILFORWARD_SERVER__RECIPIENT_LIMIT": "abc"})

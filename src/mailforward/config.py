@@ -379,9 +379,28 @@ def _build_section(section: str, cls: type[Any], values: Any) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in known:
-            raise ConfigError(f"[{section}] {key}: unknown key")
-        kwargs[key] = _coerce(f"[{section}] {key}", value, hints[key])
-    return cls(**kwargs)
+            raise ConfigError(f"{_origin(section, key, value)}: unknown key")
+        kwargs[key] = _coerce(_origin(section, key, value), value, hints[key])
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(_name_the_variable(str(e), section, values)) from None
+
+
+def _origin(section: str, key: str, value: Any) -> str:
+    """How to name a setting in an error: the variable it came from, else the TOML key."""
+    if isinstance(value, _EnvText):
+        return f"{ENV_PREFIX}{section.upper()}__{key.upper()} (environment)"
+    return f"[{section}] {key}"
+
+
+def _name_the_variable(message: str, section: str, values: Mapping[str, Any]) -> str:
+    """A validation error about a key that came from the environment names the variable."""
+    for key, value in values.items():
+        prefix = f"[{section}] {key}"
+        if isinstance(value, _EnvText) and message.startswith((prefix + ":", prefix + " ")):
+            return _origin(section, key, value) + message[len(prefix):]
+    return message
 
 
 def _coerce(name: str, value: Any, kind: Any) -> Any:
