@@ -374,6 +374,7 @@ def test_dns_warns_when_the_srs_domain_is_the_hosted_domain(check: Check) -> Non
 def test_dns_warns_when_sign_forwarded_as_shares_the_hosted_organizational_domain(
         check: Check, dkim_keys: tuple[DkimKey, DkimKey]) -> None:
     key = dkim_keys[0]
+    assert check("", "domain", "add", f"mail.{DOMAIN}").exit_code == 0
     result = check("", "dns", f"mail.{DOMAIN}", "--json",
                    dkim_extra=f'sign_forwarded_as = "{DOMAIN}"')
     assert json.loads(result.output)["warnings"] == [(
@@ -415,3 +416,16 @@ def test_check_passes_the_dedicated_domain_item_for_a_dedicated_srs_domain(
     report = json.loads(check_json(check, zone).output)
     item, = [c for c in report["checks"] if c["item"] == DEDICATED_DOMAIN_ITEM]
     assert (item["ok"], item["warning"]) == (True, False)
+
+
+def test_dns_refuses_a_domain_that_is_not_hosted(check: Check, zone: str) -> None:
+    result = check("", "dns", "elsewhere.test")
+    assert result.exit_code == 1 and "not a hosted domain" in result.output
+
+
+def test_dns_refuses_a_hostname_that_is_not_fully_qualified(check: Check, zone: str,
+                                                             tmp_path: Path) -> None:
+    assert check("", "dns", DOMAIN).exit_code == 0  # writes the config file
+    result = CliRunner().invoke(main, ["--config", str(tmp_path / "mailforward.toml"), "dns", DOMAIN],
+                                env={"MAILFORWARD_SERVER__HOSTNAME": "vm"})
+    assert result.exit_code == 2 and "[server] hostname: 'vm'" in result.output

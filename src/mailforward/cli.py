@@ -32,7 +32,7 @@ from .srs import (
     generate_secret_file,
     rewriter_from_settings,
 )
-from .tables import open_admin_database
+from .tables import open_admin_database, open_table
 
 T = TypeVar("T")
 
@@ -79,6 +79,20 @@ def run_admin(ctx: click.Context, action: Callable[[Admin], Awaitable[T]], *,
         raise UsageFailure(str(e)) from None
     except MailforwardError as e:
         raise click.ClickException(str(e)) from None
+
+
+def is_hosted(settings: Settings, domain: str) -> bool:
+    """Is ``domain`` an active hosted domain?  Asked of the database, read-only."""
+    async def ask() -> bool:
+        table = await open_table(settings.database, cached=False)
+        try:
+            return await table.domain_is_hosted(domain)
+        finally:
+            await table.close()
+    try:
+        return asyncio.run(ask())
+    except MailforwardError as e:
+        raise click.ClickException(f"cannot read the domain table: {e}") from None
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -493,6 +507,9 @@ def dns_records(ctx: click.Context, domain_name: str, as_json: bool) -> None:
         record_set = records_for(valid_domain(domain_name), settings)
     except MailforwardError as e:
         raise UsageFailure(str(e)) from None
+    if not is_hosted(settings, record_set.domain):
+        raise click.ClickException(f"{record_set.domain} is not a hosted domain here: "
+                                   f"'mailforward domain add {record_set.domain}' first")
     if as_json:
         print_json(record_set.as_json())
     else:

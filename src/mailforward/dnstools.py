@@ -41,7 +41,7 @@ from .auth.dmarc import aligned, dmarc_records, parse_record
 from .auth.verify import check_spf as evaluate_spf
 from .config import ServerSettings, Settings
 from .dns import DnsTemporaryError, make_resolver, resolve, txt_records
-from .errors import AddressError, MailforwardError
+from .errors import AddressError, ConfigError, MailforwardError
 from .tables import open_admin_database, open_table
 
 TTL = 3600
@@ -213,10 +213,20 @@ def srs_records(srs_domain: str, hostname: str, ips: Sequence[str]) -> list[Reco
             Record(name, "TXT", spf_value(ips), purpose)]
 
 
+def public_hostname(settings: Settings) -> str:
+    """``[server] hostname``, which MX records name: a bare host name (the default is the
+    machine's, e.g. ``vm``) cannot be published, so it is refused."""
+    hostname = normalize_domain(settings.server.hostname)
+    if "." not in hostname:
+        raise ConfigError(f"[server] hostname: {hostname!r} is not a fully qualified name; set it "
+                          "to the public name your MX records will point to")
+    return hostname
+
+
 def records_for(domain: str, settings: Settings) -> RecordSet:
     """Everything ``domain`` and this server must publish, without asking DNS anything."""
     domain = normalize_domain(domain)
-    hostname = normalize_domain(settings.server.hostname)
+    hostname = public_hostname(settings)
     ips = server_ips(settings.server)
     records = domain_records(domain, hostname, ips) + dkim_records(dkim_keys(domain, settings))
     srs_domain = normalize_domain(settings.srs.domain) if settings.srs.domain else ""
@@ -541,7 +551,7 @@ async def ptr_problem(resolver: dns.asyncresolver.Resolver, hostname: str, ip: s
 async def run_dns_checks(domain: str, settings: Settings) -> list[CheckResult]:
     """The seed's checklist items that DNS and the database can prove, in the seed's order."""
     domain = normalize_domain(domain)
-    hostname = normalize_domain(settings.server.hostname)
+    hostname = public_hostname(settings)
     ips = server_ips(settings.server)
     resolver = make_resolver(settings.delivery.nameservers, settings.delivery.dns_timeout)
     results = [await check_mx(resolver, domain, hostname, ips),
