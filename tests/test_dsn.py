@@ -8,8 +8,9 @@ from email.message import Message as EmailMessage
 
 import pytest
 
-from mailforward.delivery.base import Message
+from mailforward.delivery.base import Message, RecipientDsn, decode_xtext
 from mailforward.delivery.dsn import (
+    MAX_RETURNED_MESSAGE,
     build_dsn,
     failures_from_reasons,
     original_headers,
@@ -266,3 +267,113 @@ def test_dsn_to_a_utf8_sender_names_it_in_utf8_not_in_an_encoded_word() -> None:
 def test_sender_with_a_line_break_cannot_add_a_header_to_the_dsn() -> None:
     data = build_forwarded(original_sender="a@b.test\r\nBcc: victim@c.test")
     assert b"\r\nBcc:" not in data
+
+
+# --- RFC 3461: what the sender asked for with RET, ENVID, ORCPT and NOTIFY
+
+EIGHT_BIT = b"From: a@example.org\r\nSubject: caf\xc3\xa9\r\n\r\nGr\xc3\xbc\xc3\x9fe \xff\r\n"
+
+
+def build_with(content: bytes = ORIGINAL, ret: str = "", envid: str = "", orcpt: str = "",
+               relayed: bool = False) -> bytes:
+    original = Message("ABC123", "alice@example.org", ("bob@x.test",), content, dsn_ret=ret,
+                       dsn_envid=envid, dsn={"bob@x.test": RecipientDsn("", orcpt)})
+    status = "2.0.0" if relayed else "5.1.1"
+    return build_dsn(reporting_mta="mx.example.net", original=original,
+                     failures=[("bob@x.test", status, "550 5.1.1 unknown")], now=T0,
+                     relayed=relayed)
+
+
+def test_ret_full_returns_the_message_byte_for_byte() -> None:
+    assert EIGHT_BIT in build_with(EIGHT_BIT, ret="FULL")
+
+
+def test_ret_full_of_8bit_content_is_declared_8bit() -> None:
+    part = parts(build_with(EIGHT_BIT, ret="FULL"))[2]
+    assert (part.get_content_type(), part["Content-Transfer-Encoding"]) == (
+        "message/rfc822", "8bit")
+
+
+def test_report_enclosing_8bit_content_is_declared_8bit() -> None:
+    assert parse(build_with(EIGHT_BIT, ret="FULL"))["Content-Transfer-Encoding"] == "8bit"
+
+
+def test_ret_full_keeps_every_line_within_smtp_limits() -> None:
+    data = build_with(ret="FULL")
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998
+
+
+def test_ret_full_with_a_line_smtp_cannot_carry_returns_headers_only() -> None:
+    content = ORIGINAL + b"y" * 1200 + b"\r\n"
+    assert parts(build_with(content, ret="FULL"))[2].get_content_type() == "text/rfc822-headers"
+
+
+def sized(size: int) -> bytes:
+    """ORIGINAL padded with short lines to exactly ``size`` octets."""
+    padded = ORIGINAL + (b"z" * 98 + b"\r\n") * (size // 100 + 1)
+    return padded[:size - 2] + b"\r\n"
+
+
+def test_ret_full_up_to_the_size_cap_returns_the_message() -> None:
+    content = sized(MAX_RETURNED_MESSAGE)
+    assert parts(build_with(content, ret="FULL"))[2].get_content_type() == "message/rfc822"
+
+
+def test_ret_full_one_octet_above_the_cap_returns_headers_only() -> None:
+    content = sized(MAX_RETURNED_MESSAGE + 1)
+    assert parts(build_with(content, ret="FULL"))[2].get_content_type() == "text/rfc822-headers"
+
+
+def test_ret_full_says_the_message_is_attached() -> None:
+    assert b"It is attached below." in decoded(parts(build_with(ret="FULL"))[0])
+
+
+def test_envid_is_decoded_from_xtext() -> None:
+    assert status_blocks(build_with(envid="a+2Bb+3Dc"))[0]["Original-Envelope-Id"] == "a+b=c"
+
+
+def test_envid_comes_first_in_the_per_message_fields() -> None:
+    assert list(status_blocks(build_with(envid="E1"))[0].keys())[:2] == [
+        "Original-Envelope-Id", "Reporting-MTA"]
+
+
+def test_envid_with_an_encoded_line_break_cannot_add_a_field() -> None:
+    data = build_with(envid="x+0D+0ABcc:+20victim@c.test")
+    assert b"\r\nBcc:" not in data
+    assert status_blocks(data)[0]["Original-Envelope-Id"] == "x\\x{D}\\x{A}Bcc: victim@c.test"
+
+
+def test_orcpt_with_another_address_type_keeps_it() -> None:
+    block = status_blocks(build_with(orcpt="x-local;bob+2Bold"))[1]
+    assert block["Original-Recipient"] == "x-local; bob+old"
+
+
+def test_malformed_orcpt_falls_back_to_the_final_recipient() -> None:
+    block = status_blocks(build_with(orcpt="no-semicolon"))[1]
+    assert block["Original-Recipient"] == "rfc822; bob@x.test"
+
+
+def test_orcpt_naming_the_private_target_names_the_alias() -> None:
+    original = Message("ABC123", "alice@example.org", (TARGET,), ORIGINAL,
+                       aliases={TARGET: ALIAS}, dsn={TARGET: RecipientDsn("", f"rfc822;{TARGET}")})
+    data = build_dsn(reporting_mta="mx.example.net", original=original,
+                     failures=[(TARGET, "5.1.1", TARGET_REPLY)], now=T0)
+    assert status_blocks(data)[1]["Original-Recipient"] == f"rfc822; {ALIAS}"
+
+
+def test_relayed_report_says_relayed_and_is_no_bounce() -> None:
+    data = build_with(relayed=True)
+    assert (parse(data)["Subject"], status_blocks(data)[1]["Action"]) == (
+        "Successful Mail Delivery Report", "relayed")
+
+
+@pytest.mark.parametrize("notify, event, wanted", [
+    ("", "FAILURE", True), ("", "SUCCESS", False), ("NEVER", "FAILURE", False),
+    ("SUCCESS", "FAILURE", False), ("SUCCESS,DELAY", "SUCCESS", True),
+    ("DELAY,FAILURE", "FAILURE", True)])
+def test_notify_decides_which_reports_are_wanted(notify: str, event: str, wanted: bool) -> None:
+    assert RecipientDsn(notify).notifies(event) is wanted
+
+
+def test_xtext_decodes_to_utf8() -> None:
+    assert decode_xtext("j+C3+B6rg") == "j\u00f6rg"

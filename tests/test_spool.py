@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailforward.delivery.base import Message
+from mailforward.delivery.base import Message, RecipientDsn
 from mailforward.delivery.retry import (
     AttemptResult,
     RetryPolicy,
@@ -106,6 +106,54 @@ def test_spool_file_written_before_aliases_existed_still_loads(spool: Spool) -> 
     del data["aliases"]
     path.write_bytes(json.dumps(data).encode() + b"\n" + content)
     assert spool.get("ABC123").aliases == {}
+
+
+DSN_PARAMETERS = {"a@x.test": RecipientDsn("SUCCESS,FAILURE", "rfc822;friend+2Bx@alias.test"),
+                  "b@y.test": RecipientDsn("NEVER", "")}
+
+
+def with_extensions(msg: Message) -> Message:
+    return replace(msg, body="8BITMIME", dsn_ret="FULL", dsn_envid="Env+2B1",
+                   dsn=DSN_PARAMETERS)
+
+
+def test_body_and_dsn_parameters_survive_the_spool(spool: Spool) -> None:
+    spool.put(with_extensions(message()), ["a@x.test", "b@y.test"], T0, T0)
+    got = Spool(spool.directory).get("ABC123").message()
+    assert (got.body, got.dsn_ret, got.dsn_envid, got.dsn) == (
+        "8BITMIME", "FULL", "Env+2B1", DSN_PARAMETERS)
+
+
+def test_dsn_parameters_survive_an_update(spool: Spool) -> None:
+    spool.put(with_extensions(message()), ["a@x.test", "b@y.test"], T0, T0)
+    spool.mark_delivered("ABC123", ["b@y.test"])
+    assert spool.get("ABC123").dsn_of("a@x.test") == DSN_PARAMETERS["a@x.test"]
+
+
+def test_spool_file_written_before_body_and_dsn_existed_still_loads(spool: Spool) -> None:
+    put(spool)
+    path = spool.directory / "ABC123"
+    header, _, content = path.read_bytes().partition(b"\n")
+    data: dict[str, Any] = json.loads(header)
+    for key in ("body", "dsn_ret", "dsn_envid", "dsn"):
+        del data[key]
+    path.write_bytes(json.dumps(data).encode() + b"\n" + content)
+    got = spool.get("ABC123")
+    assert (got.body, got.dsn_ret, got.dsn_envid, got.dsn) == ("", "", "", {})
+
+
+@pytest.mark.parametrize("key, value", [("body", "BINARYMIME"), ("dsn_ret", "ALL"),
+                                        ("dsn_envid", 7), ("dsn", {"a@x.test": "NEVER"})])
+def test_header_with_a_bad_body_or_dsn_field_is_corrupt(spool: Spool, key: str,
+                                                         value: Any) -> None:
+    put(spool)
+    path = spool.directory / "ABC123"
+    header, _, content = path.read_bytes().partition(b"\n")
+    data: dict[str, Any] = json.loads(header)
+    data[key] = value
+    path.write_bytes(json.dumps(data).encode() + b"\n" + content)
+    with pytest.raises(SpoolCorrupt):
+        spool.get("ABC123")
 
 
 def test_header_with_aliases_that_are_not_strings_is_corrupt(spool: Spool) -> None:
@@ -545,6 +593,24 @@ async def test_expired_message_bounces_what_is_pending_and_is_removed(spool: Spo
     assert list(failures) == ["b@y.test"]
     assert failures["b@y.test"].startswith("delivery time expired")
     assert spool.list() == []
+
+
+async def test_no_bounce_for_a_recipient_whose_notify_excludes_failure(spool: Spool) -> None:
+    dsn = {"b@y.test": RecipientDsn("SUCCESS", ""), "c@z.test": RecipientDsn("NEVER", "")}
+    put(spool, replace(message(recipients=("a@x.test", "b@y.test", "c@z.test")), dsn=dsn),
+        next_attempt=T0)
+    fake = FakeDelivery({"a@x.test": "fail", "b@y.test": "fail", "c@z.test": "fail"})
+    await scheduler(spool, fake).run_once(T0)
+    assert [list(failures) for _, failures in fake.bounced] == [["a@x.test"]]
+    assert spool.list() == []  # failed all the same: never retried
+
+
+async def test_no_expiry_bounce_when_notify_is_never(spool: Spool) -> None:
+    put(spool, replace(message(), dsn={"b@y.test": RecipientDsn("NEVER", "")}), next_attempt=T0)
+    fake = FakeDelivery({"a@x.test": "ok", "b@y.test": "defer"})
+    later = T0 + RetryPolicy().max_lifetime
+    await scheduler(spool, fake, later).run_once(later)
+    assert (fake.bounced, spool.list()) == ([], [])
 
 
 async def test_expired_message_gets_a_last_attempt_before_bouncing(spool: Spool) -> None:

@@ -31,6 +31,45 @@ class RecipientDsn:
     notify: str = ""  # "" (not given), "NEVER", or a comma list of SUCCESS, FAILURE, DELAY
     orcpt: str = ""  # "rfc822;xtext" as the client gave it
 
+    def notifies(self, event: str) -> bool:
+        """Whether the sender wants a DSN for ``event``: "SUCCESS", "FAILURE" or "DELAY".
+
+        RFC 3461 4.1: without NOTIFY, failures (and delays, at the MTA's
+        discretion) are reported but never success; ``NEVER`` asks for none.
+        """
+        if not self.notify:
+            return event in ("FAILURE", "DELAY")
+        return event in self.notify.split(",")
+
+
+NO_DSN_PARAMETERS = RecipientDsn()
+MAX_ENVID = 100  # RFC 3461 4.4
+MAX_ORCPT = 500  # RFC 3461 4.2: the address as the client gave it, xtext-encoded
+
+# RFC 3461 4: printable ASCII except "+" and "=", or "+" and two upper-case hex digits.
+_XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*")
+_XTEXT_HEX = re.compile(rb"\+([0-9A-Fa-f]{2})")
+
+
+def is_xtext(text: str) -> bool:
+    return _XTEXT.fullmatch(text) is not None
+
+
+def orcpt_parts(orcpt: str) -> tuple[str, str] | None:
+    """(address type, xtext address) of a well-formed ORCPT value, else None (RFC 3461 4.2)."""
+    kind, semicolon, address = orcpt.partition(";")
+    if (semicolon and kind.isascii() and kind.replace("-", "").isalnum()
+            and 0 < len(address) <= MAX_ORCPT and is_xtext(address)):
+        return kind, address
+    return None
+
+
+def decode_xtext(text: str) -> str:
+    """The text an xtext stands for; bytes that are not UTF-8 become U+FFFD."""
+    raw = _XTEXT_HEX.sub(lambda m: bytes([int(m.group(1), 16)]),
+                         text.encode("ascii", "replace"))
+    return raw.decode("utf-8", "replace")
+
 
 @dataclass(frozen=True)
 class Message:
@@ -53,6 +92,10 @@ class Message:
     def alias_of(self, destination: str) -> str:
         """The address the sender used for ``destination``; the destination itself when unknown."""
         return self.aliases.get(destination, destination)
+
+    def dsn_of(self, destination: str) -> RecipientDsn:
+        """The RFC 3461 parameters of the RCPT that gave ``destination`` (none when not given)."""
+        return self.dsn.get(destination, NO_DSN_PARAMETERS)
 
     @property
     def bounce_to(self) -> str:

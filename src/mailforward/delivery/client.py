@@ -8,9 +8,20 @@ skipped for the next one, as Postfix's smtp(8) does.
 Nothing that goes wrong while offering a message to one domain escapes from
 here as an exception: an address that cannot be written is a permanent
 failure before any connection, UTF-8 that the next hop cannot carry is a
-permanent ``553 5.6.7``, and anything unexpected is a temporary ``451 4.3.0``
+permanent ``553 5.6.7``, 8-bit content that it cannot carry a permanent
+``554 5.6.3``, and anything unexpected is a temporary ``451 4.3.0``
 (:func:`.base.internal_failure`).  Replies passed back from downstream name
 the alias the sender used, never the private forwarding target.
+
+What the sender declared travels on when the next hop offers the extension,
+and is dropped otherwise (RFC 3461 4.1): ``BODY`` (RFC 6152; ``8BITMIME`` is
+also declared for undeclared 8-bit content), and the DSN parameters ``RET``
+and ``ENVID`` on MAIL, ``NOTIFY`` and ``ORCPT`` on each RCPT.  8-bit content
+is never sent to a hop without 8BITMIME: those recipients fail (no 7-bit
+conversion; see :data:`EIGHT_BIT_UNSUPPORTED`).  A recipient that asked for
+``NOTIFY=SUCCESS`` and is accepted by a hop without DSN gets
+:data:`RELAYED_WITHOUT_DSN` instead of :data:`ACCEPTED`: the sender is owed a
+"relayed" DSN (RFC 3461 6.2.1), which the caller sends.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ import aiosmtplib.email
 
 from ..addresses import is_sendable
 from ..smtpd.replies import Reply
-from .base import Message, conceal_destinations, internal_failure
+from .base import MAX_ENVID, Message, conceal_destinations, internal_failure, is_xtext, orcpt_parts
 from .routing import NextHop
 
 log = logging.getLogger(__name__)
@@ -35,6 +46,11 @@ SMTPUTF8_UNSUPPORTED = Reply(553, "5.6.7",
 UNWRITABLE_SENDER = Reply(553, "5.1.7", "sender address cannot be written in an SMTP command")
 UNWRITABLE_RECIPIENT = Reply(553, "5.1.3",
                              "recipient address cannot be written in an SMTP command")
+# RFC 3463 5.6.3, conversion required but not supported: we do not downgrade to 7 bits.
+EIGHT_BIT_UNSUPPORTED = Reply(554, "5.6.3",
+                              "next hop does not accept 8-bit data, which this message has")
+# Accepted by a hop that cannot pass NOTIFY=SUCCESS on: the sender gets a "relayed" DSN.
+RELAYED_WITHOUT_DSN = Reply(250, "2.0.0", "Ok: relayed to a next hop that does not offer DSN")
 
 
 @dataclass(frozen=True)
@@ -166,9 +182,16 @@ def needs_smtputf8(message: Message) -> bool:
     return message.smtputf8 or not message.sender.isascii()
 
 
+def has_8bit_content(message: Message) -> bool:
+    """Any byte above 0x7F, in the body or (undeclared UTF-8) the header."""
+    return not message.content.isascii()
+
+
 def _refuse_before_mail(client: aiosmtplib.SMTP, message: Message) -> Reply | None:
     if needs_smtputf8(message) and not client.supports_extension("smtputf8"):
         return SMTPUTF8_UNSUPPORTED
+    if has_8bit_content(message) and not client.supports_extension("8bitmime"):
+        return EIGHT_BIT_UNSUPPORTED
     limit = client.esmtp_extensions.get("size", "")  # the next hop's text: "²" is a digit too
     if limit.isascii() and limit.isdigit() and int(limit) and len(message.content) > int(limit):
         return Reply(552, "5.3.4", f"message is larger than the destination accepts ({limit} bytes)")
@@ -191,14 +214,13 @@ async def _envelope_and_data(client: aiosmtplib.SMTP, hop: NextHop, message: Mes
                              recipients: Sequence[str]) -> dict[str, Reply]:
     utf8 = needs_smtputf8(message) or not all(rcpt.isascii() for rcpt in recipients)
     encoding = "utf-8" if utf8 else "ascii"
-    options = ["SMTPUTF8"] if utf8 else []
-    if client.supports_extension("size"):
-        options.append(f"SIZE={len(message.content)}")
-    await client.mail(message.sender, options=options, encoding=encoding)
+    await client.mail(message.sender, options=mail_options(client, message, utf8),
+                      encoding=encoding)
     results: dict[str, Reply] = {}
     for rcpt in recipients:
         try:
-            await client.rcpt(rcpt, encoding=encoding)
+            await client.rcpt(rcpt, options=rcpt_options(client, message, rcpt),
+                              encoding=encoding)
             results[rcpt] = ACCEPTED
         except aiosmtplib.SMTPRecipientRefused as e:
             results[rcpt] = downstream_reply(e, rcpt, message)
@@ -215,8 +237,53 @@ async def _envelope_and_data(client: aiosmtplib.SMTP, hop: NextHop, message: Mes
         results.update({rcpt: unreachable(hop, f"lost during DATA ({type(e).__name__})")
                         for rcpt in accepted})
         return results
+    if not client.supports_extension("dsn"):
+        results.update({rcpt: RELAYED_WITHOUT_DSN for rcpt in accepted
+                        if message.dsn_of(rcpt).notifies("SUCCESS")})
     try:
         await client.quit()
     except (aiosmtplib.SMTPException, OSError, TimeoutError):
         pass
     return results
+
+
+def mail_options(client: aiosmtplib.SMTP, message: Message, utf8: bool) -> list[str]:
+    """MAIL FROM's parameters: what the message needs and the next hop offers."""
+    options = ["SMTPUTF8"] if utf8 else []
+    if client.supports_extension("8bitmime"):
+        if message.body == "8BITMIME" or has_8bit_content(message):
+            options.append("BODY=8BITMIME")
+        elif message.body == "7BIT":
+            options.append("BODY=7BIT")
+    if client.supports_extension("size"):
+        options.append(f"SIZE={len(message.content)}")
+    if client.supports_extension("dsn"):
+        if message.dsn_ret in ("FULL", "HDRS"):
+            options.append(f"RET={message.dsn_ret}")
+        envid = message.dsn_envid
+        if 0 < len(envid) <= MAX_ENVID and is_xtext(envid):
+            options.append(f"ENVID={envid}")
+    return options
+
+
+def rcpt_options(client: aiosmtplib.SMTP, message: Message, destination: str) -> list[str]:
+    """RCPT TO's DSN parameters: those of the RCPT that gave ``destination``, if the hop takes them.
+
+    Values are checked again (they may come from a spool file) so that
+    nothing but xtext is ever written into the command.
+    """
+    if not client.supports_extension("dsn"):
+        return []
+    dsn = message.dsn_of(destination)
+    options: list[str] = []
+    if dsn.notify and _valid_notify(dsn.notify):
+        options.append(f"NOTIFY={dsn.notify}")
+    if orcpt_parts(dsn.orcpt) is not None:
+        options.append(f"ORCPT={dsn.orcpt}")
+    return options
+
+
+def _valid_notify(notify: str) -> bool:
+    words = notify.split(",")
+    return notify == "NEVER" or (len(set(words)) == len(words)
+                                 and set(words) <= {"SUCCESS", "FAILURE", "DELAY"})

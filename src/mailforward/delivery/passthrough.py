@@ -9,6 +9,13 @@ The contract, for one inbound transaction:
   permanently failed destinations get a DSN (never for the null sender), then 250;
 * destinations slower than ``passthrough_timeout`` count as deferred: spool, then 250.
 
+Our own DSNs follow the sender's RFC 3461 wishes (:func:`.dsn.wants_dsn`):
+none for a destination whose RCPT said ``NOTIFY=NEVER`` or a NOTIFY without
+FAILURE, and a "relayed" success report for one that asked
+``NOTIFY=SUCCESS`` but went to a next hop without DSN
+(:data:`.client.RELAYED_WITHOUT_DSN`; RFC 3461 6.2.1).  Losing a success
+report (spool error) is only logged: the message itself was delivered.
+
 So a 250 always means delivered or durably on disk, and a downstream spam
 verdict goes back to the real sender in the same session instead of becoming
 backscatter.  If the spool cannot be written the answer is 451, never 250.
@@ -25,8 +32,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from ..smtpd import replies
 from ..smtpd.replies import Reply
 from .base import Message, internal_failure, new_queue_id
-from .client import ClientSettings, send_to_domain
-from .dsn import Original, build_dsn, failures_from_reasons, should_bounce
+from .client import RELAYED_WITHOUT_DSN, ClientSettings, send_to_domain
+from .dsn import Original, build_dsn, failures_from_reasons, should_bounce, wants_dsn
 from .retry import AttemptResult, RetryPolicy
 from .routing import MxRouter, NextHop, RoutingError
 from .spool import Spool, SpooledMessage, SpoolError
@@ -121,6 +128,7 @@ class PassThroughDelivery:
         log.info("%s: delivered=%d deferred=%d failed=%d", message.queue_id, len(delivered),
                  len(deferred), len(failed))
         if not deferred and not failed:
+            await self._report_relayed(message, outcomes)
             return replies.queued(message.queue_id)
         if not delivered and not deferred:
             return next(iter(failed.values()))
@@ -138,7 +146,23 @@ class PassThroughDelivery:
         except SpoolError as e:
             log.error("%s: cannot spool: %s", message.queue_id, e)
             return SPOOL_FAILED
+        await self._report_relayed(message, outcomes)
         return replies.queued(message.queue_id)
+
+    async def _report_relayed(self, original: Original, outcomes: Mapping[str, Reply]) -> None:
+        """A "relayed" DSN for destinations whose NOTIFY=SUCCESS the next hop could not take.
+
+        Only logged if it cannot be spooled: the message was delivered, and
+        a failure here must not make the sender send it again.
+        """
+        relayed = [(rcpt, reply.status, reply.text) for rcpt, reply in outcomes.items()
+                   if reply == RELAYED_WITHOUT_DSN]  # our own words: not an "smtp;" diagnostic
+        if not relayed or not should_bounce(original.bounce_to):
+            return
+        try:
+            await asyncio.to_thread(self._spool_dsn, original, relayed, relayed=True)
+        except SpoolError as e:
+            log.error("%s: cannot spool the relayed DSN: %s", original.queue_id, e)
 
     # ------------------------------------------------------------ the retry scheduler's hooks
 
@@ -155,6 +179,7 @@ class PassThroughDelivery:
 
         outcomes = await self.attempt(spooled.message(), spooled.pending, timeout=None,
                                       on_delivered=record)
+        await self._report_relayed(spooled, outcomes)
         return AttemptResult(
             delivered={r for r, reply in outcomes.items() if reply.is_success},
             deferred={r: str(reply) for r, reply in outcomes.items() if reply.is_temporary},
@@ -170,17 +195,26 @@ class PassThroughDelivery:
             return
         self._spool_dsn(message, [(rcpt, reply.status, str(reply)) for rcpt, reply in failed.items()])
 
-    def _spool_dsn(self, original: Original, failures: Sequence[tuple[str, str, str]]) -> None:
+    def _spool_dsn(self, original: Original, failures: Sequence[tuple[str, str, str]],
+                   relayed: bool = False) -> None:
         """Build the DSN and spool it from ``<>`` to the sender as the client gave it.
 
-        A UTF-8 sender can only be reached with SMTPUTF8, and the DSN's
-        ``To:`` then holds that UTF-8 address: the DSN message declares it.
+        Only the destinations whose NOTIFY asks for this report are in it;
+        none asking, no DSN.  A UTF-8 sender can only be reached with
+        SMTPUTF8, and the DSN's ``To:`` then holds that UTF-8 address: the
+        DSN message declares it; a returned 8-bit message makes it 8BITMIME.
         """
+        event = "SUCCESS" if relayed else "FAILURE"
+        wanted = [f for f in failures if wants_dsn(original, f[0], event)]
+        if not wanted:
+            log.info("%s: no DSN: NOTIFY does not ask for one", original.queue_id)
+            return
         now = self.clock()
-        content = build_dsn(reporting_mta=self.hostname, original=original, failures=failures,
-                            now=now)
+        content = build_dsn(reporting_mta=self.hostname, original=original, failures=wanted,
+                            now=now, relayed=relayed)
         dsn = Message(queue_id=new_queue_id(), sender="", recipients=(original.bounce_to,),
-                      content=content, smtputf8=not original.bounce_to.isascii())
+                      content=content, smtputf8=not original.bounce_to.isascii(),
+                      body="" if content.isascii() else "8BITMIME")
         self.spool.put(dsn, dsn.recipients, now, now)
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from ..smtpd.replies import Reply
 from .base import internal_failure
-from .dsn import EXPIRED, should_bounce
+from .dsn import EXPIRED, should_bounce, wants_dsn
 from .spool import Spool, SpoolCorrupt, SpooledMessage, SpoolError, SpoolNotFound
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,9 @@ class RetryScheduler:
     ``bounce`` sends a DSN for ``failures`` (recipient -> reason: ``str(Reply)``
     such as ``"550 5.1.1 ..."`` or a text starting with :data:`EXPIRED`; see
     :func:`.dsn.failures_from_reasons`).  ``bounce`` is not called for senders
-    that :func:`.dsn.should_bounce` refuses (null sender, MAILER-DAEMON); those
+    that :func:`.dsn.should_bounce` refuses (null sender, MAILER-DAEMON), nor
+    for recipients whose RFC 3461 NOTIFY asks for no failure report
+    (``NEVER``, or a list without FAILURE: :func:`.dsn.wants_dsn`); those
     failures are only logged.  Spool I/O runs in a worker thread so fsync
     never stalls the event loop.
     """
@@ -211,8 +213,15 @@ class RetryScheduler:
         if not should_bounce(message.bounce_to):
             log.info("%s: no bounce to sender <%s>", message.queue_id, message.bounce_to)
             return True
+        wanted = {r: reason for r, reason in failures.items()
+                  if wants_dsn(message, r, "FAILURE")}
+        for rcpt in failures.keys() - wanted.keys():
+            log.info("%s: to=<%s>, no bounce: NOTIFY=%s", message.queue_id, rcpt,
+                     message.dsn_of(rcpt).notify)
+        if not wanted:
+            return True
         try:
-            await self.bounce(message, failures)
+            await self.bounce(message, wanted)
         except asyncio.CancelledError:
             raise
         except Exception:

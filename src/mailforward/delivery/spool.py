@@ -9,7 +9,10 @@ On-disk format: one file per message, named by its queue id, in the spool
 directory.  The file is a single line of ASCII JSON (the envelope, see
 :data:`FORMAT_VERSION`), a ``\\n``, then the raw content bytes unchanged.  The
 envelope records the content length, so a truncated file is detected even
-without reading the content.
+without reading the content.  Fields added later (``aliases``; ``body``,
+``dsn_ret``, ``dsn_envid`` and the per-destination ``dsn`` parameters of
+RFC 3461, which retries and their bounces honour) are optional when
+reading, so files written before them still load.
 
 Every write goes to a temp file (``.tmp-<queue id>-<pid>-<random>``) in the
 same directory, is flushed and fsynced, renamed over (or linked to) the final
@@ -41,7 +44,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import MailforwardError
-from .base import Message
+from .base import NO_DSN_PARAMETERS, Message, RecipientDsn
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,10 @@ class SpoolEntry:
     smtputf8: bool = False
     original_sender: str = ""  # before SRS: where a DSN goes
     aliases: Mapping[str, str] = field(default_factory=dict)  # destination -> address used
+    body: str = ""  # as :class:`.base.Message`: BODY declared at MAIL
+    dsn_ret: str = ""  # RFC 3461 RET
+    dsn_envid: str = ""  # RFC 3461 ENVID, xtext
+    dsn: Mapping[str, RecipientDsn] = field(default_factory=dict)  # destination -> NOTIFY, ORCPT
 
     @property
     def bounce_to(self) -> str:
@@ -103,6 +110,10 @@ class SpoolEntry:
     def alias_of(self, destination: str) -> str:
         """As :meth:`.base.Message.alias_of`: what a DSN may call ``destination``."""
         return self.aliases.get(destination, destination)
+
+    def dsn_of(self, destination: str) -> RecipientDsn:
+        """As :meth:`.base.Message.dsn_of`: the RCPT's NOTIFY and ORCPT for ``destination``."""
+        return self.dsn.get(destination, NO_DSN_PARAMETERS)
 
 
 @dataclass(frozen=True)
@@ -114,7 +125,9 @@ class SpooledMessage(SpoolEntry):
     def message(self) -> Message:
         """The message to attempt again: addressed to the pending recipients only."""
         return Message(self.queue_id, self.sender, self.pending, self.content,
-                       self.client_ip, self.smtputf8, self.original_sender, self.aliases)
+                       self.client_ip, self.smtputf8, self.original_sender, self.aliases,
+                       body=self.body, dsn_ret=self.dsn_ret, dsn_envid=self.dsn_envid,
+                       dsn=self.dsn)
 
 
 Entries = list[SpoolEntry]  # spelled out here: inside Spool, ``list`` is the method
@@ -159,7 +172,8 @@ class Spool:
             errors={r: e for r, e in (errors or {}).items() if r in pending_set},
             size=len(message.content), client_ip=message.client_ip,
             original_sender=message.original_sender, aliases=dict(message.aliases),
-            smtputf8=message.smtputf8, content=bytes(message.content))
+            smtputf8=message.smtputf8, body=message.body, dsn_ret=message.dsn_ret,
+            dsn_envid=message.dsn_envid, dsn=dict(message.dsn), content=bytes(message.content))
         self._write(spooled, exclusive=True)
         return spooled
 
@@ -371,6 +385,8 @@ def _encode_header(message: SpoolEntry) -> bytes:
         "errors": dict(message.errors), "size": message.size,
         "client_ip": message.client_ip, "smtputf8": message.smtputf8,
         "original_sender": message.original_sender, "aliases": dict(message.aliases),
+        "body": message.body, "dsn_ret": message.dsn_ret, "dsn_envid": message.dsn_envid,
+        "dsn": {dest: {"notify": d.notify, "orcpt": d.orcpt} for dest, d in message.dsn.items()},
     }
     # ensure_ascii: the line can never contain a raw newline or invalid UTF-8
     return json.dumps(header, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
@@ -396,7 +412,11 @@ def _decode_header(line: bytes, name: str) -> SpoolEntry:
         errors=_strings(data, "errors"), size=_field(data, "size", int),
         client_ip=_field(data, "client_ip", str), smtputf8=_field(data, "smtputf8", bool),
         original_sender=str(data.get("original_sender", "")),
-        aliases=_strings(data, "aliases", missing={}))
+        aliases=_strings(data, "aliases", missing={}),
+        body=_choice(data, "body", ("", "7BIT", "8BITMIME")),
+        dsn_ret=_choice(data, "dsn_ret", ("", "FULL", "HDRS")),
+        dsn_envid=_field(data, "dsn_envid", str) if "dsn_envid" in data else "",
+        dsn=_recipient_dsn(data))
 
 
 T = TypeVar("T")
@@ -434,6 +454,30 @@ def _strings(data: dict[str, Any], key: str,
     if not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
         raise ValueError(f"bad field {key!r}")
     return value
+
+
+def _choice(data: dict[str, Any], key: str, allowed: tuple[str, ...]) -> str:
+    """One of ``allowed``; "" when the key is absent (files written before it existed)."""
+    value = data.get(key, "")
+    if value not in allowed:
+        raise ValueError(f"bad field {key!r}")
+    return str(value)
+
+
+def _recipient_dsn(data: dict[str, Any]) -> dict[str, RecipientDsn]:
+    """``dsn``: destination -> {"notify": ..., "orcpt": ...}; empty in older files."""
+    value = data.get("dsn", {})
+    if not isinstance(value, dict):
+        raise ValueError("bad field 'dsn'")
+    result: dict[str, RecipientDsn] = {}
+    for dest, params in value.items():
+        if not isinstance(params, dict):
+            raise ValueError("bad field 'dsn'")
+        notify, orcpt = params.get("notify", ""), params.get("orcpt", "")
+        if not (isinstance(notify, str) and isinstance(orcpt, str)):
+            raise ValueError("bad field 'dsn'")
+        result[dest] = RecipientDsn(notify, orcpt)
+    return result
 
 
 # --- small helpers
