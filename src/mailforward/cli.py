@@ -118,6 +118,44 @@ def main(ctx: click.Context, config_path: str | None) -> None:
     ctx.ensure_object(dict)["config_path"] = config_path
 
 
+# ---------------------------------------------------------------- config
+
+
+@main.group()
+def config() -> None:
+    """Check or show the configuration (like postconf)."""
+
+
+@config.command("check")
+@click.pass_context
+def config_check(ctx: click.Context) -> None:
+    """Validate the configuration and everything serve loads at start; exit 0 or 2."""
+    from .auth.pipeline import authenticator_from_settings
+    from .smtpd.server import tls_context
+
+    settings = settings_from(ctx)
+    try:
+        rewriter_from_settings(settings.srs)
+        authenticator_from_settings(settings)
+        tls_context(settings.server.tls_cert, settings.server.tls_key)
+    except MailforwardError as e:
+        raise UsageFailure(f"configuration: {e}") from None
+    except OSError as e:  # a certificate or key file that cannot be read or parsed
+        raise UsageFailure(f"configuration: [server] tls_cert/tls_key: {e}") from None
+    source = ctx.obj.get("config_path") or "defaults and environment"
+    click.echo(f"configuration OK ({source})")
+
+
+@config.command("show")
+@click.option("--all", "show_all", is_flag=True, help="Every setting, defaults included.")
+@click.pass_context
+def config_show(ctx: click.Context, show_all: bool) -> None:
+    """The settings in force that differ from the defaults (postconf -n); secrets redacted."""
+    from .configshow import as_toml, effective_settings
+
+    click.echo(as_toml(effective_settings(settings_from(ctx), show_all)), nl=False)
+
+
 # ---------------------------------------------------------------- serve
 
 

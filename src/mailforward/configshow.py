@@ -1,0 +1,66 @@
+"""``mailforward config show``: the effective settings as TOML, like ``postconf -n``.
+
+Only what differs from the default is shown unless ``show_all``; secrets are
+redacted (the database password; secret *files* are shown by path only, their
+contents never read here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from .config import Settings
+
+REDACTED = "********"
+
+
+def redact_url(url: str) -> str:
+    """A database URL with its password replaced."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = quote(parts.username or "", safe="")
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:{REDACTED}@{host}"))
+
+
+def effective_settings(settings: Settings, show_all: bool = False) -> dict[str, dict[str, Any]]:
+    """{section: {key: value}} of the settings in force, defaults left out unless ``show_all``."""
+    shown: dict[str, dict[str, Any]] = {}
+    for section in dataclasses.fields(settings):
+        values = getattr(settings, section.name)
+        defaults = type(values)()
+        keys = {}
+        for field in dataclasses.fields(values):
+            value = getattr(values, field.name)
+            if show_all or value != getattr(defaults, field.name):
+                keys[field.name] = _shown(section.name, field.name, value)
+        if keys:
+            shown[section.name] = keys
+    return shown
+
+
+def _shown(section: str, key: str, value: Any) -> Any:
+    if section == "database" and key == "url":
+        return redact_url(value)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def as_toml(shown: dict[str, dict[str, Any]]) -> str:
+    """TOML an operator can paste back into mailforward.toml (JSON values are valid TOML
+    for strings, numbers, booleans and lists of strings)."""
+    lines: list[str] = []
+    for section, keys in shown.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in keys.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value, ensure_ascii=False)
