@@ -60,3 +60,8 @@ def test_keygen_rejects_a_short_rsa_key(tmp_path: Path) -> None:
 def test_keygen_rejects_an_invalid_domain(tmp_path: Path) -> None:
     result = keygen(tmp_path, "not a domain", "--selector", "s1")
     assert result.exit_code == 2 and "invalid domain" in result.output
+
+
+def test_keygen_never_writes_into_the_current_directory_by_default() -> None:
+    result = CliRunner().invoke(main, ["dkim", "keygen", "--help"])
+    assert "/etc/mailforward/dkim" in result.output

@@ -8,6 +8,7 @@ PostSRSd lives in test_srs_postsrsd.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import stat
 from collections.abc import AsyncIterator
@@ -654,3 +655,22 @@ async def test_tcp_line_of_1023_bytes_or_more_is_an_invalid_request(tcp_ports: t
 
 async def test_tcp_empty_key_after_decoding_is_a_missing_at_sign(tcp_ports: tuple[int, int]) -> None:
     assert await _exchange(tcp_ports[0], b"get %00\n") == b"500 No at sign in sender address\n"
+
+
+async def test_tcp_lookups_are_logged_as_postsrsd_logs_them(
+        tcp_ports: tuple[int, int], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mailforward.srs_tcp")
+    await _exchange(tcp_ports[0], b"get test@otherdomain.com\nget test@excluded.com\n")
+    assert ("srs_forward: <test@otherdomain.com> rewritten as "
+            "<SRS0=vmyz=2W=otherdomain.com=test@example.com>") in caplog.text
+    assert "srs_forward: <test@excluded.com> not rewritten: Domain excluded py policy" in caplog.text
+
+
+async def test_srs_servers_log_where_they_listen(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mailforward.srs_tcp")
+    servers = await start_srs_tcp_servers(make(), "127.0.0.1", 0, 0)
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+    assert "listening for forward lookups on 127.0.0.1:" in caplog.text
+    assert "listening for reverse lookups on 127.0.0.1:" in caplog.text

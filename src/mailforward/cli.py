@@ -36,6 +36,8 @@ from .tables import open_admin_database, open_table
 
 T = TypeVar("T")
 
+DKIM_KEY_DIRECTORY = "/etc/mailforward/dkim"  # keys never land in the current directory by default
+
 
 class UsageFailure(click.ClickException):
     """Bad input or configuration: exit code 2, like click's own usage errors."""
@@ -510,8 +512,10 @@ def dkim() -> None:
               show_default=True)
 @click.option("--bits", type=click.IntRange(1024, 8192), default=2048, show_default=True,
               help="RSA key size.")
-@click.option("--directory", type=click.Path(file_okay=False), default=".", show_default=True,
-              help="Where to write SELECTOR.private (like opendkim-genkey -D).")
+@click.option("--directory", type=click.Path(file_okay=False), default=DKIM_KEY_DIRECTORY,
+              show_default=True,
+              help="Where to write SELECTOR.private (like opendkim-genkey -D); by default "
+                   "its DOMAIN subdirectory. Created with mode 700 when missing.")
 def dkim_keygen(domain_name: str, selector: str, key_type: str, bits: int, directory: str) -> None:
     """Write a private key (mode 600) and print the DNS TXT record to publish."""
     from .addresses import normalize_domain
@@ -519,7 +523,11 @@ def dkim_keygen(domain_name: str, selector: str, key_type: str, bits: int, direc
 
     try:
         domain = normalize_domain(domain_name)
-        key = generate_key(domain, selector, Path(directory), key_type=key_type, bits=bits)
+        target = Path(directory) / domain if directory == DKIM_KEY_DIRECTORY else Path(directory)
+        target.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key = generate_key(domain, selector, target, key_type=key_type, bits=bits)
+    except OSError as e:
+        raise click.ClickException(f"cannot write the key: {e}") from None
     except MailforwardError as e:
         raise UsageFailure(str(e)) from None
     path = Path(key.path).resolve()

@@ -104,11 +104,19 @@ def parse_request(line: bytes) -> bytes | None:
 
 
 def reply_line(lookup: Callable[[bytes], bytes], key: bytes) -> bytes:
-    """The reply to one valid request: ``200 <encoded>`` or ``500 <reason>``."""
+    """The reply to one valid request: ``200 <encoded>`` or ``500 <reason>``.
+
+    Each answer is logged as PostSRSd logs it (addresses only, never content).
+    """
+    name = getattr(lookup, "__name__", "lookup").removesuffix("_bytes")
+    shown = key.decode("utf-8", "backslashreplace")
     try:
         result = lookup(key)
     except SrsError as e:
+        logger.info("srs_%s: <%s> not rewritten: %s", name, shown, e.reason)
         return b"500 " + e.reason.encode("utf-8", "replace") + b"\n"
+    logger.info("srs_%s: <%s> rewritten as <%s>", name, shown,
+                result.decode("utf-8", "backslashreplace"))
     return b"200 " + url_encode(result) + b"\n"
 
 
@@ -182,4 +190,8 @@ async def start_srs_tcp_servers(
         forward.close()
         await forward.wait_closed()
         raise
+    for kind, server in (("forward", forward), ("reverse", reverse)):
+        for sock in server.sockets:
+            address = sock.getsockname()
+            logger.info("listening for %s lookups on %s:%d", kind, address[0], address[1])
     return [forward, reverse]
