@@ -638,7 +638,7 @@ def test_logs_never_contain_message_content(smtp_server: ServerThread,
          body=f"From: sender@ext.test\r\nSubject: {marker}\r\nX-Note: {marker}\r\n\r\n{marker}\r\n")
     assert smtp_server.messages
     assert marker not in caplog.text
-    assert "client=127.0.0.1" in caplog.text and "status=250 2.0.0" in caplog.text
+    assert "client=unknown[127.0.0.1]" in caplog.text and "status=250 2.0.0" in caplog.text
 
 
 def test_long_lines_count_once_against_the_size_limit(seeded_database: DatabaseSettings) -> None:

@@ -44,6 +44,10 @@ def _hostname() -> str:
     return socket.gethostname() or "localhost"
 
 
+def _cpu_count() -> int:
+    return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     hostname: str = field(default_factory=_hostname)
@@ -64,6 +68,8 @@ class ServerSettings:
     forbid_bare_newline: str = "normalize"
     postmaster: str = ""
     listen_backlog: int = 1024
+    workers: int = field(default_factory=_cpu_count)
+    drain_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if self.forbid_bare_newline not in ("normalize", "reject"):
@@ -87,7 +93,8 @@ class ServerSettings:
         _positive(self, "server", "message_size_limit", "recipient_limit",
                   "client_connection_count_limit", "client_connection_rate_limit",
                   "client_connection_rate_time_unit", "command_timeout",
-                  "hard_error_limit", "hopcount_limit", "listen_backlog")
+                  "hard_error_limit", "hopcount_limit", "listen_backlog", "workers",
+                  "drain_timeout")
         if self.postmaster:
             from .addresses import parse_address
             try:
@@ -256,6 +263,48 @@ class ArcSettings:
             raise ConfigError("[arc] domain and selector: set both or neither")
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_DESTINATIONS = ("stderr", "syslog", "file")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """Where log lines go and how they look (``ops/logs.py``); never any message content."""
+
+    level: str = "info"
+    destination: str = "stderr"
+    file: str = ""
+    format: str = "text"  # "text" (Postfix-style lines) or "json" (one object per line)
+    syslog_socket: str = "/dev/log"
+    syslog_facility: str = "mail"
+
+    def __post_init__(self) -> None:
+        if self.level not in LOG_LEVELS:
+            raise ConfigError(f"[log] level: one of {', '.join(LOG_LEVELS)}")
+        if self.destination not in LOG_DESTINATIONS:
+            raise ConfigError(f"[log] destination: one of {', '.join(LOG_DESTINATIONS)}")
+        if (self.destination == "file") != bool(self.file):
+            raise ConfigError('[log] file: set it exactly when destination = "file"')
+        if self.format not in ("text", "json"):
+            raise ConfigError('[log] format: "text" or "json"')
+        if self.syslog_facility not in SYSLOG_FACILITIES:
+            raise ConfigError("[log] syslog_facility: mail, daemon or local0 ... local7")
+
+
+SYSLOG_FACILITIES = ("mail", "daemon", *(f"local{n}" for n in range(8)))
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """Prometheus metrics and health checks over HTTP; off unless ``listen`` is set."""
+
+    listen: str = ""
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            parse_host_port(self.listen, "[metrics] listen")
+
+
 @dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -265,6 +314,8 @@ class Settings:
     dkim: DkimSettings = field(default_factory=DkimSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     arc: ArcSettings = field(default_factory=ArcSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     def __post_init__(self) -> None:
         if self.arc.domain and not self.auth.verify:

@@ -7,7 +7,7 @@ table of the replies we send is ``smtpd/replies.py``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -15,6 +15,8 @@ class Reply:
     code: int
     status: str  # enhanced status code, "" only for 220/354 style replies
     text: str
+    reason: str = field(default="", compare=False)
+    """A stable name for a refusal (``relay_denied``), for logs and metrics; not sent."""
 
     def __str__(self) -> str:
         return " ".join(part for part in (str(self.code), self.status, self.text) if part)
@@ -38,7 +40,7 @@ class Reply:
         (8-bit, undecodable bytes, controls) is echoed as ``?``, as Postfix
         does, so a reply can always be sent.
         """
-        return Reply(self.code, self.status, f"<{printable(subject)}>: {self.text}")
+        return Reply(self.code, self.status, f"<{printable(subject)}>: {self.text}", self.reason)
 
 
 def printable(text: str) -> str:

@@ -30,6 +30,8 @@ from ..delivery.base import Delivery, Message, new_queue_id
 from ..errors import AddressError, AuthenticationRefused, TemporaryLookupError
 from ..from_field import read_from_field
 from ..headerfields import header_block
+from ..ops.logs import client_name, log_reject
+from ..reply import printable
 from ..srs import SrsError, SrsRewriter, is_srs_address
 from ..tables import LookupTable
 from . import policy, replies
@@ -78,8 +80,10 @@ class SmtpHandler:
         session.client_ip, session.local_ip = peer[0], local[0]
         session.in_mynetworks = self.in_mynetworks(session.client_ip)
         if not session.in_mynetworks and not self.limits.connect(session.client_ip):
-            log.warning("client=%s refused: too many connections", session.client_ip)
-            return replies.too_many_connections(self.settings.hostname, session.client_ip)
+            refusal = replies.too_many_connections(self.settings.hostname, session.client_ip)
+            log.warning("%s: %s", client_name(session.client_ip), refusal)
+            log_reject("CONNECT", session.client_ip, str(refusal), refusal.reason, sender="")
+            return refusal
         session.admitted = not session.in_mynetworks
         return None
 
@@ -90,6 +94,14 @@ class SmtpHandler:
 
     async def mail(self, session: ClientSession, envelope: Transaction, path: str,
                    params: list[str]) -> Reply:
+        reply = await self._accept_sender(session, envelope, path, params)
+        if not reply.is_success:
+            log_reject("MAIL", session.client_ip, str(reply), reply.reason, sender=path,
+                       helo=session.host_name, extended=session.extended_smtp)
+        return reply
+
+    async def _accept_sender(self, session: ClientSession, envelope: Transaction, path: str,
+                             params: list[str]) -> Reply:
         refusal = apply_mail_parameters(envelope, params, self.settings.message_size_limit)
         if refusal is not None:
             return refusal
@@ -104,7 +116,6 @@ class SmtpHandler:
         forward_sender = self.envelope_sender(mail_from)
         if not is_sendable(forward_sender) or (
                 envelope.sender is not None and has_control_characters(envelope.sender.local)):
-            log.info("reject: MAIL from %s: sender cannot be forwarded", session.client_ip)
             return replies.UNFORWARDABLE_SENDER
         envelope.has_sender = True
         envelope.mail_from = mail_from
@@ -115,6 +126,15 @@ class SmtpHandler:
 
     async def rcpt(self, session: ClientSession, envelope: Transaction, path: str,
                    params: list[str]) -> Reply:
+        reply = await self._rcpt(session, envelope, path, params)
+        if not reply.is_success:
+            log_reject("RCPT", session.client_ip, str(reply), reply.reason,
+                       sender=envelope.mail_from, recipient=path, helo=session.host_name,
+                       extended=session.extended_smtp)
+        return reply
+
+    async def _rcpt(self, session: ClientSession, envelope: Transaction, path: str,
+                    params: list[str]) -> Reply:
         if len(envelope.rcpt_tos) >= self.settings.recipient_limit:
             return replies.TOO_MANY_RECIPIENTS
         dsn = recipient_dsn(params)
@@ -127,9 +147,6 @@ class SmtpHandler:
         if reply.is_success:
             envelope.rcpt_tos.append(path)
             _remember_dsn(envelope, known, dsn)
-        else:
-            log.info("reject: RCPT from %s: %s; from=<%s> to=<%s> helo=<%s>", session.client_ip,
-                     reply, envelope.mail_from, path, session.host_name)
         return reply
 
     async def _accept_recipient(self, session: ClientSession, envelope: Transaction, path: str) -> Reply:
@@ -243,10 +260,13 @@ class SmtpHandler:
             except Exception as error:
                 log.error("%s: delivery failed", queue_id, exc_info=error)
                 reply = replies.reply_for_error(error)
-        log.info("%s: client=%s helo=<%s> from=<%s> rcpt=%s to=%s size=%d status=%s",
-                 queue_id, session.client_ip, session.host_name, envelope.mail_from,
-                 ",".join(f"<{r}>" for r in envelope.rcpt_tos),
-                 ",".join(f"<{d}>" for d in envelope.destinations), len(content),
+        if reply.reason:  # refused by policy, not by the destinations
+            log_reject("END-OF-MESSAGE", session.client_ip, str(reply), reply.reason,
+                       sender=envelope.mail_from, recipient=",".join(envelope.rcpt_tos),
+                       helo=session.host_name, extended=session.extended_smtp)
+        log.info("%s: client=%s, helo=<%s>, from=<%s>, size=%d, nrcpt=%d, status=%s",
+                 queue_id, client_name(session.client_ip), printable(session.host_name),
+                 printable(envelope.mail_from), len(content), len(envelope.destinations),
                  f"{reply.code} {reply.status}")
         return reply
 

@@ -1,0 +1,1 @@
+"""Operations: log lines and metrics an admin can use."""
