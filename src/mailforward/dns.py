@@ -35,6 +35,7 @@ from dns.rdtypes.ANY.TXT import TXT
 
 from .errors import ConfigError, MailforwardError
 from .hostport import ip_address_text, parse_port, split_host_port
+from .ops.metrics import DNS_ERRORS, DNS_SECONDS, timed
 
 __all__ = [
     "MAX_ATTEMPT_TIMEOUT",
@@ -138,10 +139,11 @@ async def resolve(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str) 
     qname = _query_name(name)
     if qname is None:
         return Answer(name, rdtype, nxdomain=True)
-    try:
-        answer = await resolver.resolve(qname, rdtype, search=False)
-    except (dns.exception.DNSException, OSError) as e:
-        return _without_records(name, rdtype, e)
+    with timed(DNS_SECONDS, DNS_ERRORS, rdtype):
+        try:
+            answer = await resolver.resolve(qname, rdtype, search=False)
+        except (dns.exception.DNSException, OSError) as e:
+            return _without_records(name, rdtype, e)
     return Answer(name, rdtype, tuple(answer))
 
 
@@ -151,10 +153,11 @@ def resolve_sync(resolver: dns.resolver.Resolver, name: str, rdtype: str,
     qname = _query_name(name)
     if qname is None:
         return Answer(name, rdtype, nxdomain=True)
-    try:
-        answer = resolver.resolve(qname, rdtype, search=False, lifetime=lifetime)
-    except (dns.exception.DNSException, OSError) as e:
-        return _without_records(name, rdtype, e)
+    with timed(DNS_SECONDS, DNS_ERRORS, rdtype):
+        try:
+            answer = resolver.resolve(qname, rdtype, search=False, lifetime=lifetime)
+        except (dns.exception.DNSException, OSError) as e:
+            return _without_records(name, rdtype, e)
     return Answer(name, rdtype, tuple(answer))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import email.utils
 import ipaddress
 import logging
+import time
 from collections.abc import Sequence
 
 from ..addresses import (
@@ -31,6 +32,7 @@ from ..errors import AddressError, AuthenticationRefused, TemporaryLookupError
 from ..from_field import read_from_field
 from ..headerfields import header_block
 from ..ops.logs import client_name, log_reject
+from ..ops.metrics import CONNECTIONS, DATA_REPLY_SECONDS, MESSAGES, REFUSALS
 from ..reply import printable
 from ..srs import SrsError, SrsRewriter, is_srs_address
 from ..tables import LookupTable
@@ -82,8 +84,10 @@ class SmtpHandler:
         if not session.in_mynetworks and not self.limits.connect(session.client_ip):
             refusal = replies.too_many_connections(self.settings.hostname, session.client_ip)
             log.warning("%s: %s", client_name(session.client_ip), refusal)
-            log_reject("CONNECT", session.client_ip, str(refusal), refusal.reason, sender="")
+            CONNECTIONS.labels("refused").inc()
+            _refused("CONNECT", session, refusal, sender="")
             return refusal
+        CONNECTIONS.labels("accepted").inc()
         session.admitted = not session.in_mynetworks
         return None
 
@@ -96,8 +100,7 @@ class SmtpHandler:
                    params: list[str]) -> Reply:
         reply = await self._accept_sender(session, envelope, path, params)
         if not reply.is_success:
-            log_reject("MAIL", session.client_ip, str(reply), reply.reason, sender=path,
-                       helo=session.host_name, extended=session.extended_smtp)
+            _refused("MAIL", session, reply, sender=path)
         return reply
 
     async def _accept_sender(self, session: ClientSession, envelope: Transaction, path: str,
@@ -128,9 +131,7 @@ class SmtpHandler:
                    params: list[str]) -> Reply:
         reply = await self._rcpt(session, envelope, path, params)
         if not reply.is_success:
-            log_reject("RCPT", session.client_ip, str(reply), reply.reason,
-                       sender=envelope.mail_from, recipient=path, helo=session.host_name,
-                       extended=session.extended_smtp)
+            _refused("RCPT", session, reply, sender=envelope.mail_from, recipient=path)
         return reply
 
     async def _rcpt(self, session: ClientSession, envelope: Transaction, path: str,
@@ -249,6 +250,7 @@ class SmtpHandler:
 
     async def data(self, session: ClientSession, envelope: Transaction,
                    content: bytearray) -> Reply:
+        started = time.monotonic()
         queue_id = new_queue_id()
         if count_received_headers(content) > self.settings.hopcount_limit:
             reply = replies.TOO_MANY_HOPS
@@ -261,9 +263,10 @@ class SmtpHandler:
                 log.error("%s: delivery failed", queue_id, exc_info=error)
                 reply = replies.reply_for_error(error)
         if reply.reason:  # refused by policy, not by the destinations
-            log_reject("END-OF-MESSAGE", session.client_ip, str(reply), reply.reason,
-                       sender=envelope.mail_from, recipient=",".join(envelope.rcpt_tos),
-                       helo=session.host_name, extended=session.extended_smtp)
+            _refused("END-OF-MESSAGE", session, reply, sender=envelope.mail_from,
+                     recipient=",".join(envelope.rcpt_tos))
+        MESSAGES.labels(_outcome(reply)).inc()
+        DATA_REPLY_SECONDS.observe(time.monotonic() - started)
         log.info("%s: client=%s, helo=<%s>, from=<%s>, size=%d, nrcpt=%d, status=%s",
                  queue_id, client_name(session.client_ip), printable(session.host_name),
                  printable(envelope.mail_from), len(content), len(envelope.destinations),
@@ -331,6 +334,25 @@ def _add_destinations(envelope: Transaction, destinations: Sequence[str], alias:
         if dest not in envelope.destinations:
             envelope.destinations.append(dest)
             envelope.aliases[dest] = alias
+
+
+def _refused(stage: str, session: ClientSession, reply: Reply, *, sender: str,
+             recipient: str = "") -> None:
+    """One refusal: a Postfix-shaped log line and a count by stage and reason."""
+    reason = reply.reason or "other"
+    log_reject(stage, session.client_ip, str(reply), reason, sender=sender, recipient=recipient,
+               helo=session.host_name, extended=session.extended_smtp)
+    REFUSALS.labels(stage, reason).inc()
+
+
+def _outcome(reply: Reply) -> str:
+    """The message's fate as the client was told it: accepted (delivered or safely spooled),
+    refused by our policy, deferred, or failed (refused by every destination)."""
+    if reply.is_success:
+        return "accepted"
+    if reply.is_temporary:
+        return "deferred"
+    return "refused" if reply.reason else "failed"
 
 
 def _remember_dsn(envelope: Transaction, known: set[str], dsn: RecipientDsn) -> None:

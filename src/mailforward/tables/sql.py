@@ -7,6 +7,7 @@ from typing import Any
 from ..addresses import normalize_domain
 from ..config import DatabaseSettings
 from ..errors import AddressError
+from ..ops.metrics import LOOKUP_ERRORS, LOOKUP_SECONDS, timed
 from .base import QueryRunner, split_destinations
 
 
@@ -45,11 +46,16 @@ class SqlTable:
         self._alias_query = prepare_query(settings.alias_query, placeholder)
         self._sender_query = prepare_query(settings.sender_domain_query, placeholder)
 
+    async def _fetch(self, kind: str, query: str, key: str) -> list[tuple[Any, ...]]:
+        """One query, timed and counted per kind (``ops.metrics``)."""
+        with timed(LOOKUP_SECONDS, LOOKUP_ERRORS, kind):
+            return await self._runner.fetch(query, key)
+
     async def domain_is_hosted(self, domain: str) -> bool:
-        return bool(await self._runner.fetch(self._domain_query, domain))
+        return bool(await self._fetch("domain", self._domain_query, domain))
 
     async def alias_destinations(self, address: str) -> tuple[str, ...] | None:
-        rows = await self._runner.fetch(self._alias_query, address)
+        rows = await self._fetch("alias", self._alias_query, address)
         destinations: list[str] = []
         for row in rows:
             if len(row) > 1 and stored_key(_text(row[1])) != address:
@@ -58,7 +64,7 @@ class SqlTable:
         return tuple(destinations) if destinations else None
 
     async def sender_domain_is_hosted(self, domain: str) -> bool:
-        return bool(await self._runner.fetch(self._sender_query, domain))
+        return bool(await self._fetch("sender_domain", self._sender_query, domain))
 
     async def close(self) -> None:
         await self._runner.close()
