@@ -12,6 +12,10 @@ broken one sealed with ``cv=fail``, none started (``cv=none``).
 dkimpy seals :func:`~mailforward.headerfields.dkimpy_view` (its parser
 refuses obsolete header syntax); ARC canonicalizes relaxed only, so the seal
 is valid for the original bytes, which are what we send.
+
+dkimpy builds the three fields; the two RSA signatures (ARC-Message-Signature
+and ARC-Seal) are OpenSSL's (``rsa_openssl``), with the key parsed once when
+it was loaded (``DkimKey.private_pem`` is a ``PreparedRsaPem``).
 """
 
 from __future__ import annotations

@@ -13,8 +13,10 @@ see a valid signature from the forwarder even when the author's breaks.
 Signatures are made by dkimpy with OpenDKIM's defaults: the header fields of
 RFC 6376 section 5.4.1 (libopendkim's ``dkim_should_signhdrs``) that are
 present, plus ``From`` over-signed as ``OversignHeaders From`` does.
-RSA keys sign rsa-sha256; Ed25519 keys sign ed25519-sha256 (RFC 8463), which
-dkimpy does through PyNaCl (``dkimpy[ed25519]``).  Key files are PEM as
+RSA keys sign rsa-sha256, the RSA step on OpenSSL (``rsa_openssl``: dkimpy
+builds the header, OpenSSL signs, with the key parsed once when its file is
+loaded); Ed25519 keys sign ed25519-sha256 (RFC 8463), which dkimpy does
+through PyNaCl (``dkimpy[ed25519]``).  Key files are PEM as
 opendkim-genkey writes them (PKCS#1 or PKCS#8; Ed25519 as PKCS#8), or
 dkimpy's bare base64 Ed25519 seed.
 
@@ -49,6 +51,7 @@ from ..config import DkimSettings
 from ..errors import ConfigError
 from ..headerfields import dkimpy_parse, dkimpy_view
 from ..private_files import create_private_file
+from .rsa_openssl import PreparedRsaPem, prepare_private_key
 
 __all__ = [
     "OVERSIGN_HEADERS",
@@ -104,13 +107,16 @@ class DkimKey:
     """One KeyTable entry with its private key loaded.
 
     ``private_pem`` is in the form dkimpy's ``sign()`` takes: PKCS#1 PEM for
-    RSA, the base64 32-byte seed for Ed25519 (whatever the file held).
+    RSA, the base64 32-byte seed for Ed25519 (whatever the file held).  For
+    RSA keys loaded from a file it is a :class:`~.rsa_openssl.PreparedRsaPem`,
+    which carries the key parsed by OpenSSL at load, so signing never parses
+    it again.
     """
 
     domain: str
     selector: str
     path: str
-    private_pem: bytes
+    private_pem: bytes = field(repr=False)  # never in a repr, a log line or a test failure
     algorithm: str
 
     @property
@@ -124,7 +130,12 @@ class DkimKey:
             public = ed25519.Ed25519PrivateKey.from_private_bytes(seed).public_key()
             raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
             return base64.b64encode(raw).decode("ascii")
-        key = serialization.load_pem_private_key(self.private_pem, password=None)
+        if isinstance(self.private_pem, PreparedRsaPem):
+            key: object = self.private_pem.parsed.key
+        else:
+            key = serialization.load_pem_private_key(self.private_pem, password=None)
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise DkimError(f"[dkim] key file {self.path}: not an RSA private key")
         der = key.public_key().public_bytes(serialization.Encoding.DER,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
         return base64.b64encode(der).decode("ascii")
@@ -196,9 +207,7 @@ def _base64_seed(text: bytes) -> bytes | None:
 
 def _dkimpy_key(key: object, path: str) -> tuple[str, bytes]:
     if isinstance(key, rsa.RSAPrivateKey):
-        return "rsa", key.private_bytes(serialization.Encoding.PEM,
-                                        serialization.PrivateFormat.TraditionalOpenSSL,
-                                        serialization.NoEncryption())
+        return "rsa", prepare_private_key(key)  # the one parse of this key: OpenSSL's, above
     if isinstance(key, ed25519.Ed25519PrivateKey):
         seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                  serialization.NoEncryption())

@@ -11,13 +11,13 @@ be signed or sealed is delivered without, and counted.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from ..config import Settings
 from ..errors import DmarcRejected, SpfRejected
 from .arc import ArcSealer, sealer_from_settings
 from .dkim import DkimSigner, load_dkim
+from .executors import run_cpu
 from .verify import AuthVerdict, Verifier, strip_forged_results
 
 log = logging.getLogger("mailforward.auth")
@@ -67,10 +67,15 @@ class MessageAuthenticator:
             raise SpfRejected(verdict.spf.domain)
 
     async def outbound(self, content: Content, client_ip: str) -> Content:
-        """DKIM signatures, then the ARC seal over the signed message (RSA work: off the loop)."""
+        """DKIM signatures, then the ARC seal over the signed message.
+
+        Off the loop, in the auth CPU pool (``executors.CPU``), not the default
+        executor that blocking file work shares; RSA there is OpenSSL's
+        (``rsa_openssl``), which releases the GIL, so the loop keeps running.
+        """
         if self.signer is None and self.sealer is None:
             return content
-        return await asyncio.to_thread(self._sign_and_seal, bytes(content), client_ip)
+        return await run_cpu(self._sign_and_seal, bytes(content), client_ip)
 
     def _sign_and_seal(self, content: bytes, client_ip: str) -> bytes:
         if self.signer is not None:

@@ -13,10 +13,22 @@ NODATA are "not there", everything else ``DnsTemporaryError``):
   it once, at import, with a dispatcher reading the resolver from a
   ``ContextVar``; ``check_spf`` sets it for its own call only, so concurrent
   checks with different nameservers in worker threads do not interfere
-  (``asyncio.to_thread`` runs each call in a copy of the context).  With no
-  resolver set the dispatcher answers TempError rather than falling back.
+  (each pool call runs in a copy of the context).  With no resolver set the
+  dispatcher answers TempError rather than falling back.
 * dkimpy takes a ``dnsfunc``; ours closes over the resolver.  DMARC
   (``auth.dmarc``) takes a TXT lookup the same way.
+
+Work runs in the auth pools (``executors``), never on the loop nor in the
+default executor: SPF, DMARC and the DKIM/ARC key lookups in the DNS pool,
+the DKIM/ARC arithmetic in the CPU pool.  dkimpy looks keys up in the middle
+of verifying, so the key records a message's signatures and seals name are
+fetched first, in the DNS pool, with the same parser dkimpy uses, and dkimpy
+then verifies in the CPU pool with a ``dnsfunc`` answering from those
+answers (a name not fetched, which dkimpy should never ask for, is looked
+up there as before).  An ARC chain naming more than ``ARC_KEY_LOOKUPS``
+distinct keys is not looked up past that: the further seals fail (RFC 8617
+lets a verifier limit the chains it evaluates).  RSA verification is
+OpenSSL's (``rsa_openssl``), with dkimpy's results.
 
 dkimpy parses a copy of the message with obsolete-syntax white space before
 header colons removed, and hashes the names as written (``headerfields``),
@@ -55,7 +67,8 @@ from dns.rdtypes.txtbase import TXTBase
 from ..addresses import normalize_domain
 from ..dns import DnsTemporaryError, make_sync_resolver, resolve_sync, txt_records_sync
 from ..errors import AddressError
-from ..headerfields import dkimpy_parse, dkimpy_view, field_name, split_header
+from ..headerfields import dkimpy_parse, dkimpy_view, field_name, header_block, split_header
+from . import rsa_openssl
 from .dmarc import (
     Authenticated,
     aligned,
@@ -64,6 +77,7 @@ from .dmarc import (
     from_domain_of,
     org_domain,
 )
+from .executors import run_cpu, run_dns
 
 __all__ = [
     "MAX_DKIM_SIGNATURES",
@@ -87,6 +101,9 @@ SPF_TIME_LIMIT = 20.0
 
 MAX_DKIM_SIGNATURES = 10
 """Signatures verified per message; more only cost DNS lookups an attacker chooses."""
+
+ARC_KEY_LOOKUPS = 20
+"""Distinct ARC key records looked up per message (ten hops with keys of their own)."""
 
 TSPECIALS = frozenset('()<>@,;:\\"/[]?=')
 
@@ -172,6 +189,7 @@ def _pyspf_data(rdata: dns.rdata.Rdata) -> object:
 
 
 spf.DNSLookup = _pyspf_lookup
+rsa_openssl.install()  # dkimpy's RSA verification on OpenSSL (done at its import; explicit here)
 
 
 def check_spf(ip: str, mail_from: str, helo: str, nameservers: Sequence[str],
@@ -230,13 +248,11 @@ def _key_lookup(resolver: dns.resolver.Resolver) -> Callable[..., bytes]:
     return lookup
 
 
-def _arc_key_lookup(resolver: dns.resolver.Resolver) -> Callable[..., bytes | None]:
-    """A dkimpy ``dnsfunc`` for ARC: any missing key makes the chain fail.
+def _arc_key_lookup(keys: Callable[..., bytes]) -> Callable[..., bytes | None]:
+    """A dkimpy ``dnsfunc`` for ARC over ``keys`` (a DKIM one): any missing key makes the chain fail.
 
     ARC has no temperror (RFC 8617 4.4): a seal we could not check is not valid.
     """
-    keys = _key_lookup(resolver)
-
     def lookup(name: bytes, timeout: float = 5) -> bytes | None:
         try:
             return keys(name)
@@ -245,8 +261,104 @@ def _arc_key_lookup(resolver: dns.resolver.Resolver) -> Callable[..., bytes | No
     return lookup
 
 
-def _verify_dkim(resolver: dns.resolver.Resolver, message: bytes) -> tuple[DkimVerdict, ...]:
-    """One verdict per DKIM-Signature, topmost first (up to MAX_DKIM_SIGNATURES)."""
+KeyAnswers = dict[bytes, bytes | Exception]
+"""Key record (or the exception its lookup raised) by the name dkimpy asks for."""
+
+
+class _Prefetched:
+    """A dkimpy ``dnsfunc`` answering from lookups made beforehand in the DNS pool.
+
+    A stored exception is raised again, so dkimpy's caller sees what a direct
+    lookup would have raised; a name not fetched goes to ``missing``.
+    """
+
+    def __init__(self, answers: KeyAnswers, missing: Callable[..., bytes]) -> None:
+        self.answers = answers
+        self.missing = missing
+
+    def __call__(self, name: bytes, timeout: float = 5) -> bytes:
+        try:
+            answer = self.answers[name]
+        except KeyError:
+            return self.missing(name, timeout)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def _header_fields(message: bytes) -> list[list[bytes]]:
+    """dkimpy's (name, value) list for the header section only (never the body)."""
+    headers: list[list[bytes]] = dkim.rfc822_parse(dkimpy_view(header_block(message) + b"\n"))[0]
+    return headers
+
+
+def _key_name(value: bytes, dkim_signature: bool = False) -> bytes | None:
+    """The key record dkimpy looks up for a signature or seal: ``s._domainkey.d.``.
+
+    None when dkimpy fails it before looking anything up (for a
+    DKIM-Signature, the same field checks ``DKIM.verify`` makes first).
+    """
+    try:
+        tags = dkim.util.parse_tag_value(value)
+        if dkim_signature:
+            dkim.validate_signature_fields(tags)
+    except Exception:  # dkimpy fails this signature before any lookup
+        return None
+    if b"s" not in tags or b"d" not in tags:
+        return None
+    name: bytes = tags[b"s"] + b"._domainkey." + tags[b"d"] + b"."
+    return name
+
+
+def _dkim_key_names(message: bytes) -> list[bytes]:
+    """The key records of the signatures ``_verify_dkim`` will check, each once."""
+    try:
+        fields = _header_fields(message)
+    except Exception:  # unparseable: every signature is permerror, nothing to look up
+        return []
+    values = [value for name, value in fields if name.lower() == b"dkim-signature"]
+    names = (_key_name(value, dkim_signature=True) for value in values[:MAX_DKIM_SIGNATURES])
+    return list(dict.fromkeys(name for name in names if name is not None))
+
+
+def _arc_key_names(message: bytes) -> list[bytes]:
+    """The key records of the ARC seals and message signatures, each once (at most ARC_KEY_LOOKUPS).
+
+    Read as ``ARC.verify`` reads them: relaxed-canonicalized ARC fields.
+    """
+    try:
+        _, arc_fields = dkim.ARC(dkimpy_view(header_block(message) + b"\n")).sorted_arc_headers()
+    except Exception:  # dkimpy fails such a chain itself
+        return []
+    names = (_key_name(value) for _, (name, value) in arc_fields
+             if name.lower() in (b"arc-seal", b"arc-message-signature"))
+    unique = list(dict.fromkeys(name for name in names if name is not None))
+    if len(unique) > ARC_KEY_LOOKUPS:
+        log.info("ARC: chain names %d keys; looking up the first %d", len(unique),
+                 ARC_KEY_LOOKUPS)
+    return unique[:ARC_KEY_LOOKUPS]
+
+
+def _fetch_keys(resolver: dns.resolver.Resolver,
+                names_of: Callable[[bytes], list[bytes]], message: bytes) -> KeyAnswers:
+    """Look up every key record ``names_of(message)`` names (in the DNS pool)."""
+    lookup = _key_lookup(resolver)
+    answers: KeyAnswers = {}
+    for name in names_of(message):
+        try:
+            answers[name] = lookup(name)
+        except Exception as e:  # _NoKey, DnsTemporaryError: raised again where dkimpy asks
+            answers[name] = e
+    return answers
+
+
+def _verify_dkim(resolver: dns.resolver.Resolver, message: bytes,
+                 answers: KeyAnswers | None = None) -> tuple[DkimVerdict, ...]:
+    """One verdict per DKIM-Signature, topmost first (up to MAX_DKIM_SIGNATURES).
+
+    Key records come from ``answers`` when given (fetched in the DNS pool),
+    else are looked up here.
+    """
     try:
         signed = dkimpy_parse(message, dkim.DKIM)
     except Exception as e:  # dkimpy's parser raises more than DKIMException on garbage
@@ -255,6 +367,8 @@ def _verify_dkim(resolver: dns.resolver.Resolver, message: bytes) -> tuple[DkimV
         return _unverifiable(message)
     headers = [value for name, value in signed.headers if name.lower() == b"dkim-signature"]
     lookup = _key_lookup(resolver)
+    if answers is not None:
+        lookup = _Prefetched(answers, lookup)
     return tuple(_verify_signature(signed, index, value, lookup)
                  for index, value in enumerate(headers[:MAX_DKIM_SIGNATURES]))
 
@@ -297,10 +411,20 @@ def _signature_ids(value: bytes) -> tuple[str, str]:
     return domain, b"".join(tags.get(b"s", b"").split()).decode("ascii", "replace")
 
 
-def _verify_arc(resolver: dns.resolver.Resolver, message: bytes) -> str:
-    """The incoming chain's state for our ``arc=`` result: none, pass or fail."""
+def _not_fetched(name: bytes, timeout: float = 5) -> bytes:
+    raise _NoKey("over ARC_KEY_LOOKUPS")
+
+
+def _verify_arc(resolver: dns.resolver.Resolver, message: bytes,
+                answers: KeyAnswers | None = None) -> str:
+    """The incoming chain's state for our ``arc=`` result: none, pass or fail.
+
+    Key records come from ``answers`` when given (a key not among them is
+    missing, so its seal fails), else are looked up here.
+    """
+    keys = _key_lookup(resolver) if answers is None else _Prefetched(answers, _not_fetched)
     try:
-        state, _, _ = dkim.arc_verify(dkimpy_view(message), dnsfunc=_arc_key_lookup(resolver))
+        state, _, _ = dkim.arc_verify(dkimpy_view(message), dnsfunc=_arc_key_lookup(keys))
     except Exception as e:  # dkimpy catches only its own exceptions
         log.info("ARC: verification failed (%s)", type(e).__name__)
         return "fail" if _has_arc_set(message) else "none"
@@ -444,13 +568,21 @@ class Verifier:
 
     async def verify(self, message: bytes, client_ip: str, helo: str,
                      mail_from: str) -> AuthVerdict:
-        """SPF, DKIM and ARC side by side in threads (the libraries block), then DMARC."""
+        """SPF, DKIM and ARC side by side in the auth pools (the libraries block), then DMARC."""
         spf_verdict, dkim_verdicts, arc = await asyncio.gather(
-            asyncio.to_thread(_check_spf, self.resolver, client_ip, mail_from, helo),
-            asyncio.to_thread(_verify_dkim, self.resolver, message),
-            asyncio.to_thread(_verify_arc, self.resolver, message))
-        dmarc, policy, from_domain = await asyncio.to_thread(
+            run_dns(_check_spf, self.resolver, client_ip, mail_from, helo),
+            self._dkim(message), self._arc(message))
+        dmarc, policy, from_domain = await run_dns(
             _check_dmarc, self.resolver, message, spf_verdict, dkim_verdicts)
         header = _header(self.authserv_id, mail_from, spf_verdict, dkim_verdicts, dmarc,
                          policy, from_domain, arc)
         return AuthVerdict(spf_verdict, dkim_verdicts, dmarc, policy, from_domain, arc, header)
+
+    async def _dkim(self, message: bytes) -> tuple[DkimVerdict, ...]:
+        """Key records in the DNS pool, then the signatures checked in the CPU pool."""
+        answers = await run_dns(_fetch_keys, self.resolver, _dkim_key_names, message)
+        return await run_cpu(_verify_dkim, self.resolver, message, answers)
+
+    async def _arc(self, message: bytes) -> str:
+        answers = await run_dns(_fetch_keys, self.resolver, _arc_key_names, message)
+        return await run_cpu(_verify_arc, self.resolver, message, answers)
