@@ -214,9 +214,9 @@ def main() -> None:
             sys.exit(f"{tool} missing: apt-get install postfix postfix-mysql postsrsd")
     points = [POINTS[name] for name in args.points.split(",")]
 
-    from dns_server import LoopbackDNSServer, ZoneResolver
-
     from mailforward.auth.dkim import generate_key
+
+    from dns_server import LoopbackDNSServer, ZoneResolver
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

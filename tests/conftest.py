@@ -1,4 +1,5 @@
-"""Shared fixtures: a fresh database on each backend (SQLite file, real MariaDB)."""
+"""Shared fixtures: a fresh database on each backend (SQLite file, real MariaDB); the
+loopback DNS fixtures come from ``smtp_harness``, the tests' one support module."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pymysql
 import pytest
@@ -15,8 +15,9 @@ from mailforward.admin import Admin
 from mailforward.config import DatabaseSettings
 from mailforward.tables import open_admin_database
 
-if TYPE_CHECKING:
-    from smtp_harness import ServerThread
+from smtp_harness import ServerThread, dns_zone, loopback_dns, nameserver
+
+__all__ = ["dns_zone", "loopback_dns", "nameserver"]  # the loopback DNS fixtures, for every module
 
 MARIADB_HOST = "127.0.0.1"
 MARIADB_PORT = 3306
@@ -35,7 +36,7 @@ def mariadb_database() -> Iterator[str]:
         conn = _mariadb_root()
     except pymysql.err.Error as e:
         if os.environ.get("CI"):
-            raise RuntimeError(f"MariaDB at {MARIADB_HOST}:{MARIADB_PORT} is required in CI: {e}")
+            raise RuntimeError(f"MariaDB at {MARIADB_HOST}:{MARIADB_PORT} is required in CI: {e}") from e
         pytest.skip(f"no MariaDB reachable at {MARIADB_HOST}:{MARIADB_PORT} ({e}); CI is unset")
     name = f"mf_test_{uuid.uuid4().hex[:12]}"
     with conn.cursor() as cur:
@@ -138,8 +139,7 @@ def seeded_database(db_settings: DatabaseSettings) -> DatabaseSettings:
 
 
 @pytest.fixture
-def smtp_server(seeded_database: DatabaseSettings) -> Iterator["ServerThread"]:
-    from smtp_harness import ServerThread
+def smtp_server(seeded_database: DatabaseSettings) -> Iterator[ServerThread]:
     server = ServerThread(seeded_database)
     yield server
     server.close()

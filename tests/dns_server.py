@@ -19,16 +19,18 @@ from dnslib.server import BaseResolver, DNSHandler, DNSLogger, DNSServer
 
 
 class ZoneResolver(BaseResolver):  # type: ignore[misc]
-    """Answers from zone-file records; names in ``servfail`` get SERVFAIL.
+    """Answers from zone-file records; names in ``servfail`` get SERVFAIL, names in
+    ``refused`` REFUSED (a server not serving them).
 
     A name with no record at all is NXDOMAIN; a name with records of other
     types only is NODATA (NOERROR, empty answer).  No CNAME chasing, no
     wildcards: tests spell out what they need.
     """
 
-    def __init__(self, zone: str, servfail: Iterable[str] = ()) -> None:
+    def __init__(self, zone: str, servfail: Iterable[str] = (), refused: Iterable[str] = ()) -> None:
         self.records: list[RR] = RR.fromZone(zone)
         self.servfail = {DNSLabel(name) for name in servfail}
+        self.refused = {DNSLabel(name) for name in refused}
         self.queries: list[tuple[str, str]] = []
         self._lock = threading.Lock()
 
@@ -39,6 +41,9 @@ class ZoneResolver(BaseResolver):  # type: ignore[misc]
             self.queries.append((str(qname).rstrip(".").lower(), QTYPE[qtype]))
         if qname in self.servfail:
             reply.header.rcode = RCODE.SERVFAIL
+            return reply
+        if qname in self.refused:
+            reply.header.rcode = RCODE.REFUSED
             return reply
         owned = [rr for rr in self.records if rr.rname == qname]  # DNSLabel: case-insensitive
         if not owned:
@@ -90,7 +95,7 @@ class LoopbackDNSServer:
         stoppers = [threading.Thread(target=server.stop) for server in self._servers]
         for stopper in stoppers:
             stopper.start()
-        for stopper, server in zip(stoppers, self._servers):
+        for stopper, server in zip(stoppers, self._servers, strict=True):
             stopper.join(timeout=5)
             server.server.server_close()
             server.thread.join(timeout=5)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from mailforward.addresses import (Address, normalize_domain, parse_address, parse_mailbox,
-                                   strip_source_route)
+from mailforward.addresses import Address, normalize_domain, parse_address, parse_mailbox, strip_source_route
 from mailforward.errors import AddressError
 
 

@@ -13,7 +13,6 @@ from mailforward.tables import open_admin_database, open_table
 
 from conftest import raw_sql
 
-
 # ---------------------------------------------------------------- helpers
 
 

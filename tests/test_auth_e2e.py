@@ -22,10 +22,9 @@ from mailforward.config import DatabaseSettings
 from mailforward.smtpd import replies
 
 from conftest import seed_reference_data
-from dns_server import LoopbackDNSServer, ZoneResolver
+from dns_server import LoopbackDNSServer
 from mail_dkim import mail_dkim_verify, mail_dkim_verify_arc
-from smtp_harness import HOSTNAME, SinkHandler, free_port, start_sink
-from test_queue import _start_serve
+from smtp_harness import HOSTNAME, ServeProcess, Sink, serve_zone
 
 ZONES = """
 ext.test.          300 IN TXT "v=spf1 ip4:127.0.0.1 -all"
@@ -46,7 +45,7 @@ def message(from_header: str, extra: str = "") -> bytes:
 
 
 class World:
-    def __init__(self, port: int, sink: SinkHandler, dns: LoopbackDNSServer,
+    def __init__(self, port: int, sink: Sink, dns: LoopbackDNSServer,
                  upstream: DkimKey, log: Path) -> None:
         self.port, self.sink, self.dns, self.upstream, self.log = port, sink, dns, upstream, log
 
@@ -56,8 +55,8 @@ class World:
             return client.sendmail(mail_from, ["alice@example.org"], content)
 
     def arrived(self) -> bytes:
-        (_, _, content), = self.sink.envelopes
-        return content
+        (arrival,) = self.sink.arrivals
+        return arrival.content
 
 
 @pytest.fixture
@@ -67,18 +66,16 @@ def world(tmp_path: Path) -> Iterator[World]:
     key = generate_key("example.org", "fwd", tmp_path, bits=1024)
     upstream = generate_key("upstream.test", "arc", tmp_path, bits=1024)
     zone = ZONES + key.zone_lines() + "\n" + upstream.zone_lines() + "\n"
-    controller, sink = start_sink()
-    port = free_port()
-    with LoopbackDNSServer(ZoneResolver(zone)) as dns:
+    with Sink() as sink, serve_zone(zone) as dns:
         config = tmp_path / "mf.toml"
         config.write_text(f"""
 [server]
 hostname = "{HOSTNAME}"
-listen = ["127.0.0.1:{port}"]
+listen = ["127.0.0.1:0"]
 [database]
 url = "{database.url}"
 [delivery]
-relay_host = "[127.0.0.1]:{controller.port}"
+relay_host = "[127.0.0.1]:{sink.port}"
 nameservers = ["{dns.nameserver}"]
 spool_directory = "{tmp_path / 'spool'}"
 [dkim]
@@ -88,13 +85,8 @@ sign_forwarded_as = "example.org"
 domain = "example.org"
 selector = "fwd"
 """)
-        proc = _start_serve(config, port, tmp_path / "serve.log")
-        try:
-            yield World(port, sink, dns, upstream, tmp_path / "serve.log")
-        finally:
-            proc.terminate()
-            proc.wait(10)
-            controller.stop()
+        with ServeProcess(config, tmp_path / "serve.log") as served:
+            yield World(served.port, sink, dns, upstream, served.log)
 
 
 def test_forwarded_mail_carries_a_dkim_signature_mail_dkim_accepts(world: World) -> None:
@@ -152,7 +144,7 @@ def test_dmarc_reject_policy_is_enforced_at_data(world: World) -> None:
     expected = replies.dmarc_rejected("bank.test")
     assert (refused.value.smtp_code, refused.value.smtp_error.decode()) == (
         expected.code, f"{expected.status} {expected.text}")
-    assert world.sink.envelopes == []
+    assert world.sink.arrivals == []
 
 
 def test_dmarc_failure_with_p_none_is_forwarded_and_labelled(world: World) -> None:

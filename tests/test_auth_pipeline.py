@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from mailforward.auth import executors
 from mailforward.auth.arc import ArcSealer, sealer_from_settings
 from mailforward.auth.dkim import DkimSigner, generate_key, load_dkim
 from mailforward.auth.pipeline import MessageAuthenticator
@@ -14,8 +17,7 @@ from mailforward.auth.verify import Verifier
 from mailforward.config import ArcSettings, AuthSettings, DkimSettings, Settings
 from mailforward.errors import ConfigError, DmarcRejected, SpfRejected
 
-from dns_server import LoopbackDNSServer, ZoneResolver
-
+# Served on loopback to every test that takes the ``nameserver`` fixture.
 ZONE = """
 hard.test.         300 IN TXT "v=spf1 ip4:192.0.2.1 -all"
 strict.test.       300 IN TXT "v=spf1 ip4:192.0.2.1 -all"
@@ -26,12 +28,6 @@ AUTHSERV = "mx.forwarder.test"
 
 def message(sender: str) -> bytes:
     return f"From: <{sender}>\r\nTo: <a@example.org>\r\nSubject: s\r\n\r\nbody\r\n".encode()
-
-
-@pytest.fixture(scope="module")
-def nameserver() -> Iterator[str]:
-    with LoopbackDNSServer(ZoneResolver(ZONE)) as dns:
-        yield dns.nameserver
 
 
 def authenticator(nameserver: str, **options: bool) -> MessageAuthenticator:
@@ -90,6 +86,56 @@ async def test_seal_covers_the_signature_which_covers_the_message(
              if line[:1] not in (b" ", b"\t")]
     assert names[:5] == [b"ARC-Seal", b"ARC-Message-Signature", b"ARC-Authentication-Results",
                          b"DKIM-Signature", b"Authentication-Results"]
+
+
+class _NoDefaultExecutor(ThreadPoolExecutor):
+    """Fails every task: the loop's default executor is for others (file work, fsync)."""
+
+    def submit(self, *args: object, **kwargs: object) -> Future[object]:
+        raise AssertionError("authentication work was sent to the default executor")
+
+
+async def test_signing_sealing_and_verifying_stay_off_the_default_executor(
+        nameserver: str, tmp_path: Path) -> None:
+    key = generate_key("example.org", "fwd", tmp_path, bits=2048)
+    dkim_config = load_dkim(DkimSettings(keys=(f"{key.name} example.org:fwd:{key.path}",),
+                                         sign_forwarded_as="example.org"))
+    assert dkim_config is not None
+    signer, sealer = DkimSigner(dkim_config), ArcSealer(key, AUTHSERV)
+    auth = MessageAuthenticator(Verifier(AUTHSERV, [nameserver], 2), signer, sealer,
+                                authserv_id=AUTHSERV)
+    loop = asyncio.get_running_loop()
+    refusing = _NoDefaultExecutor(1)
+    loop.set_default_executor(refusing)
+    try:
+        content = await auth.inbound(message("x@hard.test"), "127.0.0.1", "c.test",
+                                     "x@hard.test")
+        content = await auth.outbound(content, "127.0.0.1")
+    finally:
+        refusing.shutdown()
+    assert content.startswith(b"ARC-Seal: ")
+    assert signer.signing_failures == 0 and sealer.sealing_failures == 0
+
+
+async def test_signing_runs_in_the_cpu_pool(nameserver: str, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    key = generate_key("example.org", "fwd", tmp_path, bits=1024)
+    dkim_config = load_dkim(DkimSettings(keys=(f"{key.name} example.org:fwd:{key.path}",),
+                                         sign_forwarded_as="example.org"))
+    assert dkim_config is not None
+    auth = MessageAuthenticator(None, DkimSigner(dkim_config), None, authserv_id=AUTHSERV)
+    threads: list[str] = []
+    real = auth._sign_and_seal
+
+    def recording(content: bytes, client_ip: str) -> bytes:
+        threads.append(threading.current_thread().name)
+        return real(content, client_ip)
+
+    monkeypatch.setattr(auth, "_sign_and_seal", recording)
+    signed = await auth.outbound(message("x@example.org"), "127.0.0.1")
+    assert signed.startswith(b"DKIM-Signature: ")
+    assert len(threads) == 1 and threads[0].startswith(executors.CPU.name)
+    assert executors.CPU.workers == executors.cpu_workers()
 
 
 def test_arc_without_a_key_is_a_config_error() -> None:

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mailforward.config import (SEED_ALIAS_QUERY, build_settings, load_settings,
-                                parse_database_url)
+from mailforward.config import SEED_ALIAS_QUERY, build_settings, load_settings, parse_database_url
 from mailforward.errors import ConfigError
 
 

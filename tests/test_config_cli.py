@@ -57,3 +57,9 @@ def test_show_redacts_the_database_password(tmp_path: Path) -> None:
     result = run(config, "show")
     assert "s3cret" not in result.output
     assert 'url = "mysql://maildb:********@127.0.0.1/maildb"' in result.output
+
+
+def test_show_redacts_the_redis_password(tmp_path: Path) -> None:
+    config = write(tmp_path, '[limits]\nredis_url = "redis://:hunter2@127.0.0.1:6379/0"\n')
+    result = run(config, "show")
+    assert "hunter2" not in result.output and "********" in result.output

@@ -1,24 +1,21 @@
 """The pass-through acknowledgement contract, against a real DNS server and real SMTP sinks.
 
 Destinations are routed by MX through a DNS server on loopback to sinks on
-127.0.0.x.  A sink's answer depends on the recipient's local part:
-``reject*`` -> 550, ``defer*`` -> 451, ``slow*`` -> DATA answered after 3 s,
-``drop*`` -> the connection is dropped instead of answering DATA.  The sink on
-127.0.0.5 offers STARTTLS; the others do not.
+127.0.0.x (``smtp_harness.Sink``), all on one port.  A sink's answer depends
+on the recipient's local part: ``reject*`` -> 550, ``defer*`` -> 451,
+``slow*`` -> DATA answered after 3 s, ``drop*`` -> the connection is dropped
+instead of answering DATA.  The sink on 127.0.0.3 does not offer SMTPUTF8;
+the one on 127.0.0.5 offers STARTTLS.  127.0.0.4 refuses connections.
 """
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 
 from mailforward.delivery.base import Message, new_queue_id
 from mailforward.delivery.client import (
@@ -34,7 +31,7 @@ from mailforward.delivery.spool import Spool, SpoolError
 from mailforward.smtpd.replies import Reply
 
 from certs import write_self_signed
-from dns_server import LoopbackDNSServer, ZoneResolver
+from smtp_harness import CommonPort, Sink
 
 CONTENT = b"From: sender@ext.test\r\nSubject: hello\r\n\r\nbody-marker-91f2\r\n"
 
@@ -53,72 +50,21 @@ nullmx.test.    300 IN MX 0 .
 tls.test.       300 IN MX 10 mx.tls.test.
 mx.tls.test.    300 IN A 127.0.0.5
 """
-
-
-class BehaviourSink:
-    def __init__(self) -> None:
-        self.envelopes: list[tuple[str, list[str], bytes]] = []
-        self.deferring = True  # "later*" recipients are deferred while this is set
-        self.encrypted: list[bool] = []  # per delivered envelope: did it arrive over TLS?
-
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
-                          options: list[str]) -> str:
-        local = address.partition("@")[0]
-        if local.startswith("reject"):
-            return "550 5.1.1 No such user here"
-        if local.startswith("defer") or (local.startswith("later") and self.deferring):
-            return "451 4.2.0 Mailbox busy, try later"
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 Ok"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        if any(r.startswith("slow") for r in envelope.rcpt_tos):
-            await asyncio.sleep(3)
-        if any(r.startswith("drop") for r in envelope.rcpt_tos):
-            server.transport.close()  # the whole message arrived; the answer never leaves
-            return "250 2.0.0 never sent"
-        self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
-        self.encrypted.append(session.ssl is not None)
-        return "250 2.0.0 Ok: sunk"
-
-
-def _port_free_on(addresses: list[str]) -> int:
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind((addresses[0], 0))
-            port = int(s.getsockname()[1])
-        try:
-            for address in addresses[1:]:
-                with socket.socket() as t:
-                    t.bind((address, port))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no common free port")
+SERVFAIL = ["servfail.test."]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    port = _port_free_on(["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"])
-    sink, plain, tls = BehaviourSink(), BehaviourSink(), BehaviourSink()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(*write_self_signed(tmp_path_factory.mktemp("tls"), "mx.tls.test"))
-    controllers = [Controller(sink, hostname="127.0.0.2", port=port, enable_SMTPUTF8=True),
-                   Controller(plain, hostname="127.0.0.3", port=port, enable_SMTPUTF8=False),
-                   Controller(tls, hostname="127.0.0.5", port=port, tls_context=context)]
-    for c in controllers:
-        c.start()
-    with LoopbackDNSServer(ZoneResolver(ZONE, servfail=["servfail.test."])) as dns:
-        yield {"port": port, "sink": sink, "plain": plain, "tls": tls,
-               "nameserver": dns.nameserver}
-    for c in controllers:
-        c.stop()
+def world(tmp_path_factory: pytest.TempPathFactory, nameserver: str) -> Iterator[dict[str, Any]]:
+    sink, plain = Sink("127.0.0.2"), Sink("127.0.0.3", smtputf8=False)
+    tls = Sink("127.0.0.5", tls=write_self_signed(tmp_path_factory.mktemp("tls"), "mx.tls.test"))
+    with CommonPort([sink, plain, tls], refusing=["127.0.0.4"]) as port:
+        yield {"port": port, "sink": sink, "plain": plain, "tls": tls, "nameserver": nameserver}
 
 
 @pytest.fixture
 def delivery(world: dict[str, Any], tmp_path: Path) -> PassThroughDelivery:
-    world["sink"].envelopes.clear()
-    world["sink"].encrypted.clear()
+    for sink in (world["sink"], world["plain"], world["tls"]):
+        sink.reset()
     router = Router(MxRouter([world["nameserver"]], port=world["port"], timeout=2))
     return PassThroughDelivery(router, Spool(tmp_path / "spool"), ClientSettings("mx.mailforward.test", 2, 5),
                                RetryPolicy(), "mx.mailforward.test", passthrough_timeout=1.5)
@@ -138,18 +84,18 @@ async def test_all_destinations_accepted_is_250(delivery: PassThroughDelivery,
                                                 world: dict[str, Any]) -> None:
     reply = await delivery.deliver(message("a@ok.test", "b@other.test"))
     assert reply.code == 250 and reply.status == "2.0.0"
-    assert sorted(r for _, rcpts, _ in world["sink"].envelopes for r in rcpts) == ["a@ok.test", "b@other.test"]
+    assert sorted(r for a in world["sink"].arrivals for r in a.rcpt_tos) == ["a@ok.test", "b@other.test"]
     assert spooled(delivery) == []
 
 
 async def test_one_transaction_per_domain(delivery: PassThroughDelivery, world: dict[str, Any]) -> None:
     await delivery.deliver(message("a@ok.test", "b@ok.test"))
-    assert [rcpts for _, rcpts, _ in world["sink"].envelopes] == [["a@ok.test", "b@ok.test"]]
+    assert [a.rcpt_tos for a in world["sink"].arrivals] == [["a@ok.test", "b@ok.test"]]
 
 
 async def test_envelope_sender_is_passed_on(delivery: PassThroughDelivery, world: dict[str, Any]) -> None:
     await delivery.deliver(message("a@ok.test"))
-    assert world["sink"].envelopes[0][0] == "SRS0=abcd=XY=ext.test=sender@fwd.test"
+    assert world["sink"].arrivals[0].mail_from == "SRS0=abcd=XY=ext.test=sender@fwd.test"
 
 
 async def test_all_rejected_passes_the_downstream_5xx_back(delivery: PassThroughDelivery) -> None:
@@ -225,13 +171,13 @@ async def test_servfail_is_a_temporary_failure(delivery: PassThroughDelivery) ->
 async def test_domain_without_mx_uses_its_address(delivery: PassThroughDelivery,
                                                   world: dict[str, Any]) -> None:
     assert (await delivery.deliver(message("x@implicit.test"))).code == 250
-    assert world["sink"].envelopes[-1][1] == ["x@implicit.test"]
+    assert world["sink"].arrivals[-1].rcpt_tos == ["x@implicit.test"]
 
 
 async def test_unreachable_mx_falls_back_to_the_next(delivery: PassThroughDelivery,
                                                      world: dict[str, Any]) -> None:
     assert (await delivery.deliver(message("x@backup.test"))).code == 250
-    assert world["sink"].envelopes[-1][1] == ["x@backup.test"]
+    assert world["sink"].arrivals[-1].rcpt_tos == ["x@backup.test"]
 
 
 async def test_smtputf8_message_to_a_server_without_it_fails_clearly(
@@ -243,14 +189,14 @@ async def test_smtputf8_message_to_a_server_without_it_fails_clearly(
 async def test_spooled_remainder_is_delivered_by_the_scheduler_once_the_destination_recovers(
         delivery: PassThroughDelivery, world: dict[str, Any]) -> None:
     from mailforward.delivery.retry import RetryScheduler
-    world["sink"].deferring = True
+    world["sink"].defer = {"later@other.test"}
     assert (await delivery.deliver(message("a@ok.test", "later@other.test"))).code == 250
-    world["sink"].deferring = False
+    world["sink"].defer = set()
     scheduler = RetryScheduler(delivery.spool, delivery.retry_policy, delivery.attempt_spooled,
                                delivery.bounce)
     await scheduler.run_once(now=time.time() + 3600)
     assert spooled(delivery) == []
-    delivered = [rcpts for _, rcpts, _ in world["sink"].envelopes]
+    delivered = [a.rcpt_tos for a in world["sink"].arrivals]
     assert delivered.count(["a@ok.test"]) == 1 and delivered.count(["later@other.test"]) == 1
 
 
@@ -270,22 +216,23 @@ async def test_connection_dropped_before_the_data_reply_is_a_deferral(
     assert spooled(delivery) == []  # the sender still holds it and retries
 
 
-async def test_connection_dropped_for_one_domain_spools_only_that_domain(
+async def test_connection_dropped_at_one_next_hop_spools_only_its_recipients(
         delivery: PassThroughDelivery) -> None:
-    assert (await delivery.deliver(message("a@ok.test", "drop@other.test"))).code == 250
-    assert [list(e.pending) for e in spooled(delivery)] == [["drop@other.test"]]
+    # plain8.test has its own next hop; other.test shares ok.test's, and so its transaction
+    assert (await delivery.deliver(message("a@ok.test", "drop@plain8.test"))).code == 250
+    assert [list(e.pending) for e in spooled(delivery)] == [["drop@plain8.test"]]
 
 
 async def test_starttls_is_used_when_the_destination_offers_it(
         delivery: PassThroughDelivery, world: dict[str, Any]) -> None:
     assert (await delivery.deliver(message("x@tls.test"))).code == 250
-    assert world["tls"].encrypted[-1] is True
+    assert world["tls"].arrivals[-1].tls is True
 
 
 async def test_destination_without_starttls_gets_the_message_in_plain_text(
         delivery: PassThroughDelivery, world: dict[str, Any]) -> None:
     assert (await delivery.deliver(message("x@ok.test"))).code == 250
-    assert world["sink"].encrypted == [False]
+    assert [a.tls for a in world["sink"].arrivals] == [False]
 
 
 # ---------------------------------------------------------------- what cannot be sent, what raises
@@ -311,7 +258,7 @@ async def test_other_recipients_of_the_domain_are_delivered_despite_one_unwritab
     outcomes = await delivery.attempt(message("a@ok.test", "c d@ok.test"),
                                       ["a@ok.test", "c d@ok.test"], timeout=5)
     assert outcomes["a@ok.test"] == ACCEPTED
-    assert world["sink"].envelopes[-1][1] == ["a@ok.test"]
+    assert world["sink"].arrivals[-1].rcpt_tos == ["a@ok.test"]
 
 
 @pytest.fixture
@@ -372,28 +319,18 @@ async def test_acceptance_counts_even_when_recording_it_fails(
     assert outcomes == {"a@ok.test": ACCEPTED}  # deferring it would deliver it twice
 
 
-class OddSizeSink(BehaviourSink):
+def odd_size(ehlo: list[str]) -> list[str]:
     """Advertises ``SIZE ²``: a digit to str.isdigit(), not to int()."""
-
-    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
-                          responses: list[str]) -> list[str]:
-        session.host_name = hostname
-        return [("250-SIZE \u00b2" if r.startswith("250-SIZE") else r) for r in responses]
+    return [("250-SIZE \u00b2" if line.startswith("250-SIZE") else line) for line in ehlo]
 
 
 async def test_size_the_next_hop_writes_with_non_ascii_digits_is_ignored(
         world: dict[str, Any], tmp_path: Path) -> None:
-    sink = OddSizeSink()
-    controller = Controller(sink, hostname="127.0.0.1", port=_port_free_on(["127.0.0.1"]),
-                            data_size_limit=1000)
-    controller.start()
-    try:
+    with Sink(data_size_limit=1000, ehlo=odd_size) as sink:
         router = Router(MxRouter([world["nameserver"]], port=world["port"], timeout=2),
-                        relay_host=f"[127.0.0.1]:{controller.port}")
+                        relay_host=f"[127.0.0.1]:{sink.port}")
         delivery = PassThroughDelivery(router, Spool(tmp_path / "spool"),
                                        ClientSettings("mx.test", 2, 5), RetryPolicy(), "mx.test",
                                        passthrough_timeout=5)
         assert (await delivery.deliver(message("a@ok.test"))).code == 250
-        assert [rcpts for _, rcpts, _ in sink.envelopes] == [["a@ok.test"]]  # not parked
-    finally:
-        controller.stop()
+        assert [a.rcpt_tos for a in sink.arrivals] == [["a@ok.test"]]  # not parked

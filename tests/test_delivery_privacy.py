@@ -16,10 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
-from dns_server import LoopbackDNSServer, ZoneResolver
-from test_delivery import _port_free_on
-from test_dsn import status_blocks as dsn_status_blocks
 
 from mailforward.delivery.base import Message
 from mailforward.delivery.client import ClientSettings
@@ -29,6 +25,10 @@ from mailforward.delivery.routing import MxRouter
 from mailforward.delivery.spool import Spool
 from mailforward.smtpd.replies import Reply
 
+from smtp_harness import USER_UNKNOWN as UNKNOWN
+from smtp_harness import Sink
+from test_dsn import status_blocks as dsn_status_blocks
+
 CONTENT = b"From: sender@ext.test\r\nTo: friend@alias.test\r\nSubject: hi\r\n\r\nbody\r\n"
 ZONE = """
 dest.test.     300 IN MX 10 mx.dest.test.
@@ -36,50 +36,20 @@ mx.dest.test.  300 IN A 127.0.0.2
 """
 SRS_SENDER = "SRS0=abcd=XY=ext.test=sender@fwd.test"
 SENDER = "sender@ext.test"
-# Postfix's text for an unknown virtual recipient, naming the refused address.
-UNKNOWN = "Recipient address rejected: User unknown in virtual mailbox table"
-
-
-class EchoingSink:
-    """Refuses ``nosuch*`` naming the address in brackets, ``shout*`` naming it upper-cased
-    and bare, ``plain*`` without naming it; defers ``later*`` while ``deferring``, then
-    refuses it; accepts everything else."""
-
-    def __init__(self) -> None:
-        self.deferring = True
-
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
-                          options: list[str]) -> str:
-        local = address.partition("@")[0]
-        if local.startswith("nosuch") or (local.startswith("later") and not self.deferring):
-            return f"550 5.1.1 <{address}>: {UNKNOWN}"
-        if local.startswith("shout"):
-            return f"550 5.1.1 mailbox {address.upper()} does not exist"
-        if local.startswith("plain"):
-            return "550 5.1.1 No such user here"
-        if local.startswith("later"):
-            return f"451 4.2.0 <{address}>: mailbox busy"
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 Ok"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        return "250 2.0.0 Ok: sunk"
 
 
 @pytest.fixture(scope="module")
-def world() -> Iterator[dict[str, Any]]:
-    port = _port_free_on(["127.0.0.2"])
-    sink = EchoingSink()
-    controller = Controller(sink, hostname="127.0.0.2", port=port)
-    controller.start()
-    with LoopbackDNSServer(ZoneResolver(ZONE)) as dns:
-        yield {"port": port, "sink": sink, "nameserver": dns.nameserver}
-    controller.stop()
+def world(nameserver: str) -> Iterator[dict[str, Any]]:
+    """The sink refuses ``nosuch*`` naming the address in brackets (Postfix's ``UNKNOWN``
+    text), ``shout*`` naming it upper-cased and bare, ``reject*`` without naming it;
+    it defers ``defer*`` naming it."""
+    with Sink("127.0.0.2") as sink:
+        yield {"port": sink.port, "sink": sink, "nameserver": nameserver}
 
 
 @pytest.fixture
 def delivery(world: dict[str, Any], tmp_path: Path) -> PassThroughDelivery:
-    world["sink"].deferring = True
+    world["sink"].reset()
     router = Router(MxRouter([world["nameserver"]], port=world["port"], timeout=2))
     return PassThroughDelivery(router, Spool(tmp_path / "spool"),
                                ClientSettings("mx.mailforward.test", 2, 5), RetryPolicy(),
@@ -88,7 +58,7 @@ def delivery(world: dict[str, Any], tmp_path: Path) -> PassThroughDelivery:
 
 def forwarded(*targets: str) -> Message:
     """``friend@alias.test`` and ``pal@alias.test`` forward to ``targets`` (in that order)."""
-    aliases = dict(zip(targets, ["friend@alias.test", "pal@alias.test"]))
+    aliases = dict(zip(targets, ["friend@alias.test", "pal@alias.test"], strict=True))
     return Message("PRIV000001", SRS_SENDER, targets, CONTENT, "192.0.2.9",
                    original_sender=SENDER, aliases=aliases)
 
@@ -115,7 +85,7 @@ async def test_downstream_refusal_names_the_alias_not_the_target(
 
 async def test_downstream_refusal_without_an_address_is_prefixed_with_the_alias(
         delivery: PassThroughDelivery) -> None:
-    reply = await delivery.deliver(forwarded("plain@dest.test"))
+    reply = await delivery.deliver(forwarded("reject@dest.test"))
     assert reply == Reply(550, "5.1.1", "<friend@alias.test>: No such user here")
 
 
@@ -128,7 +98,7 @@ async def test_target_is_hidden_whatever_its_case_and_brackets(
 
 async def test_downstream_deferral_passed_back_names_the_alias(
         delivery: PassThroughDelivery) -> None:
-    reply = await delivery.deliver(forwarded("later@dest.test"))
+    reply = await delivery.deliver(forwarded("defer@dest.test"))
     assert reply == Reply(451, "4.2.0", "<friend@alias.test>: mailbox busy")
 
 
@@ -163,8 +133,9 @@ async def test_target_appears_nowhere_in_the_dsn(delivery: PassThroughDelivery) 
 
 async def test_bounce_after_a_retry_still_names_only_the_alias(
         delivery: PassThroughDelivery, world: dict[str, Any]) -> None:
+    world["sink"].defer = {"later@dest.test"}
     assert (await delivery.deliver(forwarded("ok@dest.test", "later@dest.test"))).code == 250
-    world["sink"].deferring = False  # now later@ is refused: the retry bounces it
+    world["sink"].defer, world["sink"].refuse = set(), {"later@dest.test"}  # the retry bounces it
     scheduler = RetryScheduler(delivery.spool, delivery.retry_policy, delivery.attempt_spooled,
                                delivery.bounce)
     await scheduler.run_once(now=time.time() + 3600)

@@ -11,15 +11,13 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import dkim
 import dns.resolver
 import pytest
 from cryptography.hazmat.primitives import serialization
-from dns_server import LoopbackDNSServer, ZoneResolver
-from mail_dkim import mail_dkim_verify, mail_dkim_verify_arc
 
 from mailforward.auth.dkim import (
     DkimConfig,
@@ -30,8 +28,12 @@ from mailforward.auth.dkim import (
     generate_key,
     load_dkim,
 )
+from mailforward.auth.rsa_openssl import PreparedRsaPem
 from mailforward.config import DkimSettings
 from mailforward.errors import ConfigError
+
+from dns_server import LoopbackDNSServer
+from mail_dkim import mail_dkim_verify, mail_dkim_verify_arc
 
 SEED_KEY_NAME = "selector1._domainkey.example.org"
 
@@ -74,18 +76,17 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 
 
 @pytest.fixture(scope="module")
-def dns_port(keys: Keys) -> Iterator[int]:
-    zone = "\n".join(key.zone_lines() for key in keys.all()) + "\n"
-    with LoopbackDNSServer(ZoneResolver(zone)) as server:
-        yield server.port
+def dns_zone(keys: Keys) -> str:
+    """The keys' records, served on loopback by the ``loopback_dns`` fixture."""
+    return "\n".join(key.zone_lines() for key in keys.all()) + "\n"
 
 
 @pytest.fixture(scope="module")
-def dnsfunc(dns_port: int) -> Callable[..., bytes | None]:
+def dnsfunc(loopback_dns: LoopbackDNSServer) -> Callable[..., bytes | None]:
     """dkimpy's DNS hook, asking the loopback server only."""
     resolver = dns.resolver.Resolver(configure=False)
     resolver.nameservers = ["127.0.0.1"]
-    resolver.port = dns_port
+    resolver.port = loopback_dns.port
 
     def lookup(name: bytes | str, timeout: float = 5) -> bytes | None:
         text = name.decode() if isinstance(name, bytes) else name
@@ -349,6 +350,16 @@ def test_zone_lines_publish_the_public_record(keys: Keys,
     assert dnsfunc(f"{keys.org.name}.") == keys.org.public_record().encode()
 
 
+def test_loaded_rsa_key_carries_its_openssl_parse_and_publishes_the_same_record(
+        keys: Keys) -> None:
+    """The record comes from the key parsed at load; a plain PEM of it gives the same one."""
+    assert isinstance(keys.org.private_pem, PreparedRsaPem)
+    plain = DkimKey(keys.org.domain, keys.org.selector, keys.org.path,
+                    bytes(keys.org.private_pem), "rsa")
+    assert plain.public_record() == keys.org.public_record()
+    assert plain == keys.org  # the prepared form is still the PEM text
+
+
 # ------------------------------------------------------------------ trust
 
 
@@ -494,29 +505,30 @@ def test_lf_only_message_signature_verifies_with_dkimpy(
     assert dkim.verify(message, dnsfunc=dnsfunc)
 
 
-def test_rsa_signature_verifies_with_mail_dkim(keys: Keys, dns_port: int) -> None:
+def test_rsa_signature_verifies_with_mail_dkim(keys: Keys, loopback_dns: LoopbackDNSServer) -> None:
     message = signed(keys, f"*@example.org {SEED_KEY_NAME}")
-    assert mail_dkim_verify(message, dns_port) == [("pass", "example.org")]
+    assert mail_dkim_verify(message, loopback_dns.port) == [("pass", "example.org")]
 
 
-def test_simple_simple_signature_verifies_with_mail_dkim(keys: Keys, dns_port: int) -> None:
+def test_simple_simple_signature_verifies_with_mail_dkim(keys: Keys, loopback_dns: LoopbackDNSServer) -> None:
     message = signed(keys, f"*@example.org {SEED_KEY_NAME}", canonicalization="simple/simple")
-    assert mail_dkim_verify(message, dns_port) == [("pass", "example.org")]
+    assert mail_dkim_verify(message, loopback_dns.port) == [("pass", "example.org")]
 
 
-def test_added_from_header_breaks_the_oversigned_signature(keys: Keys, dns_port: int) -> None:
+def test_added_from_header_breaks_the_oversigned_signature(
+        keys: Keys, loopback_dns: LoopbackDNSServer) -> None:
     message = signed(keys, f"*@example.org {SEED_KEY_NAME}")
     forged = message.replace(b"From: Alice", b"From: Mallory <m@evil.test>\r\nFrom: Alice", 1)
-    assert mail_dkim_verify(forged, dns_port) == [("fail", "example.org")]
+    assert mail_dkim_verify(forged, loopback_dns.port) == [("fail", "example.org")]
 
 
-def test_mail_dkim_reports_a_changed_body_as_fail(keys: Keys, dns_port: int) -> None:
+def test_mail_dkim_reports_a_changed_body_as_fail(keys: Keys, loopback_dns: LoopbackDNSServer) -> None:
     message = signed(keys, f"*@example.org {SEED_KEY_NAME}").replace(b"Hello.", b"Howdy.")
-    assert mail_dkim_verify(message, dns_port) == [("fail", "example.org")]
+    assert mail_dkim_verify(message, loopback_dns.port) == [("fail", "example.org")]
 
 
-def test_mail_dkim_reports_an_unsigned_message_as_none(dns_port: int) -> None:
-    assert mail_dkim_verify(MESSAGE, dns_port) == [("none", "")]
+def test_mail_dkim_reports_an_unsigned_message_as_none(loopback_dns: LoopbackDNSServer) -> None:
+    assert mail_dkim_verify(MESSAGE, loopback_dns.port) == [("none", "")]
 
 
 def arc_sealed(key: DkimKey) -> bytes:
@@ -527,10 +539,10 @@ def arc_sealed(key: DkimKey) -> bytes:
     return b"".join(headers) + message
 
 
-def test_mail_dkim_arc_verifier_passes_a_dkimpy_seal(keys: Keys, dns_port: int) -> None:
-    assert mail_dkim_verify_arc(arc_sealed(keys.fwd), dns_port) == "pass"
+def test_mail_dkim_arc_verifier_passes_a_dkimpy_seal(keys: Keys, loopback_dns: LoopbackDNSServer) -> None:
+    assert mail_dkim_verify_arc(arc_sealed(keys.fwd), loopback_dns.port) == "pass"
 
 
-def test_mail_dkim_arc_verifier_fails_a_tampered_seal(keys: Keys, dns_port: int) -> None:
+def test_mail_dkim_arc_verifier_fails_a_tampered_seal(keys: Keys, loopback_dns: LoopbackDNSServer) -> None:
     tampered = arc_sealed(keys.fwd).replace(b"Hello.", b"Howdy.")
-    assert mail_dkim_verify_arc(tampered, dns_port) == "fail"
+    assert mail_dkim_verify_arc(tampered, loopback_dns.port) == "fail"

@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pytest
-from dns_server import LoopbackDNSServer, ZoneResolver
 
 from mailforward.auth.dmarc import (
     MISSING_VERSION,
@@ -30,6 +29,8 @@ from mailforward.auth.dmarc import (
 from mailforward.auth.verify import Verifier
 from mailforward.dns import make_resolver
 from mailforward.dnstools import check_dmarc
+
+from smtp_harness import serve_zone
 
 STRANGER = "192.0.2.66"  # authorised by no SPF record below
 TIMEOUT = 2.0
@@ -262,7 +263,7 @@ def zone_for(domain: str, records: tuple[str, ...]) -> str:
 @pytest.mark.parametrize("row", TABLE.values(), ids=TABLE.keys())
 async def test_check_and_verifier_agree_on_dmarc_record(row: Row) -> None:
     domain = "table.test"
-    with LoopbackDNSServer(ZoneResolver(zone_for(domain, row.records))) as server:
+    with serve_zone(zone_for(domain, row.records)) as server:
         checked = await check_dmarc(make_resolver([server.nameserver], TIMEOUT), domain)
         verdict = await Verifier("mx.test", [server.nameserver], TIMEOUT).verify(
             f"From: a@{domain}\r\n\r\nbody\r\n".encode(), STRANGER, "helo.test",
@@ -272,14 +273,14 @@ async def test_check_and_verifier_agree_on_dmarc_record(row: Row) -> None:
 
 async def test_dmarc_record_with_upper_case_v_tag_is_enforced() -> None:
     zone = zone_for("upper.test", ("V=DMARC1; p=reject",))
-    with LoopbackDNSServer(ZoneResolver(zone)) as server:
+    with serve_zone(zone) as server:
         verdict = await Verifier("mx.test", [server.nameserver], TIMEOUT).verify(
             b"From: ceo@upper.test\r\n\r\nbody\r\n", STRANGER, "helo.test", "x@attacker.test")
     assert verdict.dmarc_rejects
 
 
 async def test_check_explains_a_txt_record_that_is_not_a_dmarc_record() -> None:
-    with LoopbackDNSServer(ZoneResolver(zone_for("lower.test", ("v=dmarc1; p=reject",)))) as server:
+    with serve_zone(zone_for("lower.test", ("v=dmarc1; p=reject",))) as server:
         checked = await check_dmarc(make_resolver([server.nameserver], TIMEOUT), "lower.test")
     assert checked.reason == ("the TXT record at _dmarc.lower.test is not a DMARC record, so "
                               f"receivers ignore it: {MISSING_VERSION} "

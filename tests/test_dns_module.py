@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
-from dns_server import LoopbackDNSServer, SilentNameserver, ZoneResolver
-from dnslib import RCODE, DNSLabel, DNSRecord
-from dnslib.server import DNSHandler
 
 from mailforward.auth.verify import Verifier
 from mailforward.delivery.routing import MxRouter, TemporaryRoutingError
@@ -34,8 +31,13 @@ from mailforward.dns import (
 from mailforward.dnstools import check_dmarc
 from mailforward.errors import ConfigError, MailforwardError
 
+from dns_server import SilentNameserver
+
 TIMEOUT = 2.0
-REFUSED_NAMES = ("refused.test", "_dmarc.refused.test", "sel._domainkey.refused.test")
+# The module's loopback DNS (the ``nameserver`` fixture) serves ZONE; these names get
+# REFUSED (a server not serving them) and SERVFAIL.
+REFUSED = ("refused.test", "_dmarc.refused.test", "sel._domainkey.refused.test")
+SERVFAIL = ("servfail.test",)
 
 ZONE = """
 here.test.          300 IN A 192.0.2.1
@@ -43,29 +45,6 @@ here.test.          300 IN TXT "first" "second"
 here.test.          300 IN TXT "other"
 sender.test.        300 IN TXT "v=spf1 -all"
 """
-
-
-class RefusingResolver(ZoneResolver):
-    """The zone, except that some names get REFUSED (a server not serving them)."""
-
-    def __init__(self, zone: str, refused: tuple[str, ...]) -> None:
-        super().__init__(zone)
-        self.refused = {DNSLabel(name) for name in refused}
-
-    def resolve(self, request: DNSRecord, handler: DNSHandler) -> DNSRecord:
-        if request.q.qname in self.refused:
-            reply = request.reply()
-            reply.header.rcode = RCODE.REFUSED
-            return reply
-        return super().resolve(request, handler)
-
-
-@pytest.fixture(scope="module")
-def nameserver() -> Iterator[str]:
-    resolver = RefusingResolver(ZONE, REFUSED_NAMES)
-    resolver.servfail = {DNSLabel("servfail.test")}
-    with LoopbackDNSServer(resolver) as server:
-        yield server.nameserver
 
 
 def lookup_sync(nameserver: str, name: str, rdtype: str) -> Answer:

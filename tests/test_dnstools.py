@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -17,15 +18,21 @@ from click.testing import CliRunner, Result
 
 from mailforward.admin import Admin
 from mailforward.auth.dkim import DkimKey, generate_key
+from mailforward.auth.dmarc import parse_record
 from mailforward.cli import main
 from mailforward.config import Settings, build_settings, load_settings
-from mailforward.auth.dmarc import parse_record
 from mailforward.dns import make_resolver
-from mailforward.dnstools import (DEDICATED_DOMAIN_ITEM, SPF_TOO_MANY_LOOKUPS, Record, check_ptr,
-                                  records_for, spf_value)
+from mailforward.dnstools import (
+    DEDICATED_DOMAIN_ITEM,
+    SPF_TOO_MANY_LOOKUPS,
+    Record,
+    check_ptr,
+    records_for,
+    spf_value,
+)
 from mailforward.tables import open_admin_database
 
-from dns_server import LoopbackDNSServer, ZoneResolver
+from smtp_harness import serve_zone
 
 DOMAIN = "example.org"
 HOSTNAME = "mail.example.net"
@@ -110,19 +117,15 @@ def replace_line(zone: str, starts: str, new: str = "") -> str:
 def check(tmp_path: Path, database: str,
           dkim_keys: tuple[DkimKey, DkimKey]) -> Iterator[Check]:
     """Run ``mailforward check`` (or any command) against a zone served on loopback."""
-    servers: list[LoopbackDNSServer] = []
     key_dir = Path(dkim_keys[0].path).parent
+    with ExitStack() as servers:
+        def run(zone: str, *args: str, servfail: tuple[str, ...] = (), **config: str) -> Result:
+            server = servers.enter_context(serve_zone(zone, servfail))
+            path = write_config(tmp_path, database, server.nameserver, key_dir, **config)
+            return CliRunner().invoke(main, ["--config", str(path), *(args or ("check", DOMAIN))],
+                                      catch_exceptions=False)
 
-    def run(zone: str, *args: str, servfail: tuple[str, ...] = (), **config: str) -> Result:
-        server = LoopbackDNSServer(ZoneResolver(zone, servfail=servfail)).start()
-        servers.append(server)
-        path = write_config(tmp_path, database, server.nameserver, key_dir, **config)
-        return CliRunner().invoke(main, ["--config", str(path), *(args or ("check", DOMAIN))],
-                                  catch_exceptions=False)
-
-    yield run
-    for server in servers:
-        server.stop()
+        yield run
 
 
 @pytest.fixture
@@ -350,7 +353,7 @@ def test_dmarc_must_start_with_the_version_tag() -> None:
 async def test_ptr_whose_hostname_does_not_resolve_back_fails_fcrdns() -> None:
     zone = (f"{PTR_NAME} 3600 IN PTR {HOSTNAME}.\n"
             f"{HOSTNAME}. 3600 IN A 198.51.100.7\n")
-    with LoopbackDNSServer(ZoneResolver(zone)) as server:
+    with serve_zone(zone) as server:
         result = await check_ptr(make_resolver([server.nameserver], 2), HOSTNAME, [PUBLIC_IP])
     assert result.reason == (f"{HOSTNAME} does not resolve back to {PUBLIC_IP}: add "
                              f"'{HOSTNAME}. A {PUBLIC_IP}'")

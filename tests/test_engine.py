@@ -11,20 +11,16 @@ import asyncio
 import smtplib
 import socket
 import ssl
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 
 from mailforward.config import DatabaseSettings
 from mailforward.smtpd import replies
 
 from certs import write_self_signed
-from smtp_harness import HOSTNAME, RawClient, ServerThread, free_port, wait_for_port
+from smtp_harness import HOSTNAME, RawClient, ServeProcess, ServerThread, Sink
 
 MESSAGE = b"From: sender@ext.test\r\nSubject: engine\r\n\r\nbody\r\n"
 
@@ -281,36 +277,23 @@ def test_plaintext_pipelined_behind_starttls_is_discarded(seeded_database: Datab
 
 # ---------------------------------------------------------------- bounded, under load
 
-class RefusingSink:
-    """A next hop that refuses every recipient: the message never leaves us, so what the
-    server holds is what the engine and the handler hold."""
-
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
-                          options: list[str]) -> str:
-        return "550 5.1.1 No such user here"
-
-
 @pytest.fixture
 def refusing_sink() -> Iterator[int]:
-    controller = Controller(RefusingSink(), hostname="127.0.0.1", port=free_port())
-    controller.start()
-    yield controller.port
-    controller.stop()
+    """A next hop that refuses every recipient: the message never leaves us, so what the
+    server holds is what the engine and the handler hold."""
+    with Sink(refuse_all=True) as sink:
+        yield sink.port
 
 
 def _serve(tmp_path: Path, database: DatabaseSettings, extra: str = "",
-           relay_port: int = 9) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
+           relay_port: int = 9) -> ServeProcess:
     config = tmp_path / "mf.toml"
-    config.write_text(f'[server]\nhostname = "{HOSTNAME}"\nlisten = ["127.0.0.1:{port}"]\n{extra}\n'
+    config.write_text(f'[server]\nhostname = "{HOSTNAME}"\nlisten = ["127.0.0.1:0"]\n{extra}\n'
                       f'[database]\nurl = "{database.url}"\n'
                       f'[delivery]\nspool_directory = "{tmp_path / "spool"}"\n'
                       f'relay_host = "[127.0.0.1]:{relay_port}"\n'
                       '[auth]\nverify = false\n')
-    proc = subprocess.Popen([sys.executable, "-m", "mailforward", "--config", str(config), "serve"],
-                            stdout=(tmp_path / "serve.log").open("wb"), stderr=subprocess.STDOUT)
-    wait_for_port("127.0.0.1", port, alive=lambda: proc.poll() is None)
-    return proc, port
+    return ServeProcess(config)
 
 
 def _rss_kib(pid: int) -> int:
@@ -322,23 +305,19 @@ def _rss_kib(pid: int) -> int:
 
 def test_a_9_mb_message_of_short_lines_is_held_within_twice_its_size(
         seeded_database: DatabaseSettings, tmp_path: Path, refusing_sink: int) -> None:
-    proc, port = _serve(tmp_path, seeded_database, relay_port=refusing_sink)
-    try:
+    with _serve(tmp_path, seeded_database, relay_port=refusing_sink) as served:
         def send(content: bytes) -> str:
-            with RawClient("127.0.0.1", port, timeout=60) as c:
+            with RawClient("127.0.0.1", served.port, timeout=60) as c:
                 open_transaction(c)
                 c.command("DATA")
                 c.send(content + b".\r\n")
                 return c.read_reply()
 
         send(MESSAGE)  # warm up: the first transaction's imports, TLS context, pools
-        before = _rss_kib(proc.pid)
+        before = _rss_kib(served.proc.pid)
         body = b"ab\r\n" * (9_000_000 // 4)
         reply = send(MESSAGE.replace(b"body\r\n", b"") + body)
-        growth = _rss_kib(proc.pid) - before
-    finally:
-        proc.terminate()
-        proc.wait(10)
+        growth = _rss_kib(served.proc.pid) - before
     assert reply.startswith("550 5.1.1")  # read, judged, offered, refused downstream
     print(f"peak RSS growth for a {len(body)} byte message: {growth} KiB")
     assert growth * 1024 < 2 * len(body), f"peak RSS grew by {growth} KiB"
@@ -346,23 +325,20 @@ def test_a_9_mb_message_of_short_lines_is_held_within_twice_its_size(
 
 def test_a_burst_of_1000_connections_all_get_a_banner(seeded_database: DatabaseSettings,
                                                       tmp_path: Path) -> None:
-    proc, port = _serve(tmp_path, seeded_database,
-                        "client_connection_count_limit = 5000\n"
-                        "client_connection_rate_limit = 5000")
+    served = _serve(tmp_path, seeded_database,
+                    "client_connection_count_limit = 5000\n"
+                    "client_connection_rate_limit = 5000")
 
     async def burst() -> list[bytes]:
         async def one() -> bytes:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
             try:
                 return await asyncio.wait_for(reader.readline(), 60)
             finally:
                 writer.close()
         return await asyncio.gather(*(one() for _ in range(1000)))
 
-    try:
+    with served:
         banners = asyncio.run(burst())
-    finally:
-        proc.terminate()
-        proc.wait(10)
     assert banners == [f"220 {HOSTNAME} ESMTP\r\n".encode()] * 1000
 

@@ -10,19 +10,13 @@ delivered exactly once; a failure we cannot work around is a 4xx, never a
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import smtplib
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 from click.testing import CliRunner
 
 from mailforward.admin import Admin
@@ -32,46 +26,17 @@ from mailforward.delivery.spool import Spool
 from mailforward.tables import open_admin_database
 
 from conftest import seed_reference_data
-from dns_server import LoopbackDNSServer, ZoneResolver
-from smtp_harness import HOSTNAME, RawClient, free_port
-from test_queue import _start_serve
+from smtp_harness import (
+    HOSTNAME,
+    USER_UNKNOWN,
+    RawClient,
+    ServeProcess,
+    Sink,
+    serve_zone,
+    wait_until,
+)
 
 BODY = b"From: sender@ext.test\r\nSubject: fault test\r\n\r\nbody\r\n"
-
-
-class FaultSink:
-    """A destination that defers, or hangs in DATA, for the recipients it is told to."""
-
-    def __init__(self) -> None:
-        self.envelopes: list[list[str]] = []
-        self.defer: set[str] = set()
-        self.hang: set[str] = set()
-        self.hanging = threading.Event()
-
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
-                          options: list[str]) -> str:
-        if address in self.defer:
-            return "451 4.2.0 try later"
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 Ok"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        if self.hang & set(envelope.rcpt_tos):
-            self.hanging.set()
-            await asyncio.sleep(60)  # cancelled by aiosmtpd when the client disappears
-        self.envelopes.append(list(envelope.rcpt_tos))
-        return "250 2.0.0 Ok"
-
-    def count(self, rcpt: str) -> int:
-        return sum(rcpts.count(rcpt) for rcpts in self.envelopes)
-
-
-def until(condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -89,17 +54,15 @@ def database(tmp_path: Path) -> DatabaseSettings:
 
 
 @pytest.fixture
-def sink() -> Iterator[tuple[FaultSink, int]]:
-    handler = FaultSink()
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    yield handler, controller.port
-    controller.stop()
+def sink() -> Iterator[Sink]:
+    """The destination: tests make it defer (``sink.defer``) or hang in DATA (``sink.hang``)."""
+    with Sink() as sink:
+        yield sink
 
 
-def write_config(tmp_path: Path, database: DatabaseSettings, port: int, delivery: str) -> Path:
+def write_config(tmp_path: Path, database: DatabaseSettings, delivery: str) -> Path:
     config = tmp_path / "mf.toml"
-    config.write_text(f'[server]\nhostname = "{HOSTNAME}"\nlisten = ["127.0.0.1:{port}"]\n'
+    config.write_text(f'[server]\nhostname = "{HOSTNAME}"\nlisten = ["127.0.0.1:0"]\n'
                       f'[database]\nurl = "{database.url}"\n'
                       f'[delivery]\nspool_directory = "{tmp_path / "spool"}"\n'
                       f'passthrough_timeout = 5\n{delivery}'
@@ -107,40 +70,16 @@ def write_config(tmp_path: Path, database: DatabaseSettings, port: int, delivery
     return config
 
 
-class Served:
-    """``mailforward serve`` as a subprocess that a test may kill and restart."""
-
-    def __init__(self, config: Path, port: int) -> None:
-        self.config, self.port = config, port
-        self.log = config.parent / "serve.log"
-        self.proc = _start_serve(config, port, self.log)
-
-    def kill(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def restart(self) -> None:
-        self.proc = _start_serve(self.config, self.port, self.log)
-
-    def flush(self) -> None:
-        result = CliRunner().invoke(main, ["--config", str(self.config), "queue", "flush"])
-        assert result.exit_code == 0, result.output
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+def flush(served: ServeProcess) -> None:
+    result = CliRunner().invoke(main, ["--config", str(served.config), "queue", "flush"])
+    assert result.exit_code == 0, result.output
 
 
 @pytest.fixture
-def relayed(tmp_path: Path, database: DatabaseSettings,
-            sink: tuple[FaultSink, int]) -> Iterator[tuple[Served, FaultSink]]:
-    handler, sink_port = sink
-    port = free_port()
-    served = Served(write_config(tmp_path, database, port,
-                                 f'relay_host = "[127.0.0.1]:{sink_port}"\n'), port)
-    yield served, handler
-    served.stop()
+def relayed(tmp_path: Path, database: DatabaseSettings, sink: Sink) -> Iterator[tuple[ServeProcess, Sink]]:
+    config = write_config(tmp_path, database, f'relay_host = "[127.0.0.1]:{sink.port}"\n')
+    with ServeProcess(config) as served:
+        yield served, sink
 
 
 def send(port: int, rcpt: str) -> None:
@@ -148,33 +87,42 @@ def send(port: int, rcpt: str) -> None:
         assert client.sendmail("sender@ext.test", [rcpt], BODY) == {}
 
 
-def pending(served: Served) -> list[list[str]]:
+def pending(served: ServeProcess) -> list[list[str]]:
     return [list(entry.pending) for entry in Spool(served.config.parent / "spool").list()]
 
 
-def delivered_in_spool(served: Served) -> set[str]:
+def attempts(served: ServeProcess) -> list[int]:
+    return [entry.attempts for entry in Spool(served.config.parent / "spool").list()]
+
+
+def delivered_in_spool(served: ServeProcess) -> set[str]:
     return {r for entry in Spool(served.config.parent / "spool").list() for r in entry.delivered}
 
 
 def test_kill_during_a_spool_retry_delivers_each_destination_exactly_once(
-        relayed: tuple[Served, FaultSink]) -> None:
+        relayed: tuple[ServeProcess, Sink]) -> None:
     served, sink = relayed
     sink.defer = {"b@two.test", "c@three.test"}
     send(served.port, "fan@example.org")  # a delivered, b and c spooled, then 250
     assert pending(served) == [["b@two.test", "c@three.test"]]
+    # Through relay_host, b and c share one transaction: b goes out first, alone.
+    sink.defer = {"c@three.test"}
+    flush(served)
+    # b recorded and the pass over (rescheduled), so the next flush is not overwritten by it
+    wait_until(lambda: "b@two.test" in delivered_in_spool(served) and attempts(served) == [2], 30)
     sink.defer, sink.hang = set(), {"c@three.test"}
-    served.flush()
-    until(lambda: sink.hanging.is_set() and "b@two.test" in delivered_in_spool(served))
+    flush(served)
+    assert sink.hanging.wait(30)
     served.kill()  # b is recorded as delivered; c's DATA is still unanswered
     sink.hang = set()
     served.restart()
-    served.flush()
-    until(lambda: pending(served) == [])
+    flush(served)
+    wait_until(lambda: pending(served) == [], 30)
     assert [sink.count(r) for r in ("a@one.test", "b@two.test", "c@three.test")] == [1, 1, 1]
 
 
 def test_kill_during_a_passthrough_loses_nothing_and_duplicates_nothing(
-        relayed: tuple[Served, FaultSink]) -> None:
+        relayed: tuple[ServeProcess, Sink]) -> None:
     served, sink = relayed
     sink.hang = {"alice.dest@sink.test"}
     client = RawClient("127.0.0.1", served.port, timeout=30)
@@ -183,7 +131,7 @@ def test_kill_during_a_passthrough_loses_nothing_and_duplicates_nothing(
                  "DATA"):
         client.command(line)
     client.send(BODY + b".\r\n")
-    until(sink.hanging.is_set)
+    assert sink.hanging.wait(30)
     served.kill()  # no 250 was given: the sender still holds the message
     assert client.read_reply() == "(closed)"
     client.close()
@@ -195,7 +143,7 @@ def test_kill_during_a_passthrough_loses_nothing_and_duplicates_nothing(
 
 
 def test_spool_that_becomes_unwritable_is_451_over_the_socket(
-        relayed: tuple[Served, FaultSink]) -> None:
+        relayed: tuple[ServeProcess, Sink]) -> None:
     served, sink = relayed
     sink.defer = {"b@two.test"}
     spool = served.config.parent / "spool"
@@ -210,7 +158,7 @@ def test_spool_that_becomes_unwritable_is_451_over_the_socket(
 def test_serve_refuses_to_start_without_a_usable_spool(tmp_path: Path,
                                                       database: DatabaseSettings) -> None:
     (tmp_path / "spool").write_text("not a directory")
-    config = write_config(tmp_path, database, free_port(), "")
+    config = write_config(tmp_path, database, "")
     result = subprocess.run([sys.executable, "-m", "mailforward", "--config", str(config), "serve"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
@@ -219,71 +167,53 @@ def test_serve_refuses_to_start_without_a_usable_spool(tmp_path: Path,
 
 def test_stopped_dns_server_is_451_over_the_socket(tmp_path: Path,
                                                    database: DatabaseSettings) -> None:
-    dns = LoopbackDNSServer(ZoneResolver("sink.test. 300 IN A 127.0.0.1\n")).start()
-    nameserver = dns.nameserver
-    dns.stop()  # the resolver's address now answers nothing
-    port = free_port()
-    served = Served(write_config(tmp_path, database, port,
-                                 f'nameservers = ["{nameserver}"]\ndns_timeout = 2\n'), port)
-    try:
-        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=30) as client:
+    with serve_zone("sink.test. 300 IN A 127.0.0.1\n") as dns:
+        nameserver = dns.nameserver
+    # the resolver's address now answers nothing
+    config = write_config(tmp_path, database, f'nameservers = ["{nameserver}"]\ndns_timeout = 2\n')
+    with ServeProcess(config) as served:
+        with smtplib.SMTP("127.0.0.1", served.port, local_hostname="client.test", timeout=30) as client:
             with pytest.raises(smtplib.SMTPDataError) as refused:
                 client.sendmail("sender@ext.test", ["alice@example.org"], BODY)
         assert refused.value.smtp_code == 451
         assert refused.value.smtp_error.startswith(b"4.4.3")
         assert pending(served) == []
-    finally:
-        served.stop()
-
 
 
 # ---------------------------------------------------------------- UTF-8 and privacy, end to end
 
 
-class EchoingSink(FaultSink):
-    """Offers SMTPUTF8; refuses ``nosuch*`` as Postfix does, naming the address."""
-
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
-                          options: list[str]) -> str:
-        if address.startswith("nosuch"):
-            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
-        return await super().handle_RCPT(server, session, envelope, address, options)
-
-
 @pytest.fixture
-def utf8_relayed(tmp_path: Path, database: DatabaseSettings) -> Iterator[tuple[Served, FaultSink]]:
+def utf8_relayed(tmp_path: Path, database: DatabaseSettings,
+                 sink: Sink) -> Iterator[tuple[ServeProcess, Sink]]:
+    """The sink offers SMTPUTF8 and refuses ``nosuch*`` as Postfix does, naming the address."""
     async def add_aliases() -> None:
         db = await open_admin_database(database)
         await Admin(db).add_alias("j\u00f6s\u00e9@example.org", "\u00fcn\u00ef@dest.test")
         await Admin(db).add_alias("private@example.org", "nosuch.box@dest.test")
         await db.close()
     asyncio.run(add_aliases())
-    handler = EchoingSink()
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port(), enable_SMTPUTF8=True)
-    controller.start()
-    port = free_port()
-    served = Served(write_config(tmp_path, database, port,
-                                 f'relay_host = "[127.0.0.1]:{controller.port}"\n'), port)
-    yield served, handler
-    served.stop()
-    controller.stop()
+    config = write_config(tmp_path, database, f'relay_host = "[127.0.0.1]:{sink.port}"\n')
+    with ServeProcess(config) as served:
+        yield served, sink
 
 
 def test_utf8_sender_to_a_utf8_destination_is_delivered_over_the_socket(
-        utf8_relayed: tuple[Served, FaultSink]) -> None:
+        utf8_relayed: tuple[ServeProcess, Sink]) -> None:
     served, sink = utf8_relayed
     with smtplib.SMTP("127.0.0.1", served.port, local_hostname="client.test", timeout=30) as client:
         refused = client.sendmail("s\u00e9nder@sender.test", ["j\u00f6s\u00e9@example.org"],
                                   BODY, mail_options=["SMTPUTF8"])
     assert refused == {}
-    assert sink.envelopes == [["\u00fcn\u00ef@dest.test"]] and pending(served) == []
+    assert [a.rcpt_tos for a in sink.arrivals] == [["\u00fcn\u00ef@dest.test"]]
+    assert pending(served) == []
 
 
 def test_downstream_refusal_over_the_socket_names_the_alias_not_the_target(
-        utf8_relayed: tuple[Served, FaultSink]) -> None:
+        utf8_relayed: tuple[ServeProcess, Sink]) -> None:
     served, _ = utf8_relayed
     with (smtplib.SMTP("127.0.0.1", served.port, local_hostname="client.test", timeout=30) as client,
           pytest.raises(smtplib.SMTPDataError) as refused):
         client.sendmail("sender@ext.test", ["private@example.org"], BODY)
     assert (refused.value.smtp_code, refused.value.smtp_error) == (
-        550, b"5.1.1 <private@example.org>: Recipient address rejected: User unknown")
+        550, f"5.1.1 <private@example.org>: {USER_UNKNOWN}".encode())

@@ -10,11 +10,12 @@ from collections.abc import Iterator
 
 import pytest
 from prometheus_client import REGISTRY
-from smtp_harness import RawClient, ServerThread
-from test_smtpd import BODY, send
 
 from mailforward.config import DatabaseSettings
 from mailforward.ops.health import HealthServer
+
+from smtp_harness import RawClient, ServerThread
+from test_smtpd import BODY, send
 
 
 def sample(name: str, **labels: str) -> float:

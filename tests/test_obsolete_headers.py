@@ -11,20 +11,20 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import dkim  # type: ignore[import-untyped]
 import pytest
-from dns_server import LoopbackDNSServer, ZoneResolver
-from mail_dkim import mail_dkim_verify, mail_dkim_verify_arc
 
 from mailforward.auth.arc import ArcSealer
 from mailforward.auth.dkim import DkimKey, DkimSigner, generate_key, load_dkim
-from mailforward.headerfields import dkimpy_view
 from mailforward.auth.pipeline import MessageAuthenticator
 from mailforward.auth.verify import AuthVerdict, DkimVerdict, Verifier
 from mailforward.config import DkimSettings
+from mailforward.headerfields import dkimpy_view
+
+from dns_server import LoopbackDNSServer
+from mail_dkim import mail_dkim_verify, mail_dkim_verify_arc
 
 AUTHSERV_ID = "mx.fwd.test"
 SENDER_IP = "192.0.2.1"  # authorised by sender.test's SPF
@@ -63,16 +63,26 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[DkimKey, DkimKey]:
+    """(sender.test's key, our forwarding key)."""
     directory = tmp_path_factory.mktemp("keys")
     (directory / "fwd").mkdir()
-    sender = generate_key("sender.test", "s1", directory, bits=1024)
-    forwarder = generate_key("fwd.test", "f1", directory / "fwd", bits=1024)
-    zone = (f'sender.test. 300 IN TXT "v=spf1 ip4:{SENDER_IP} -all"\n'
+    return (generate_key("sender.test", "s1", directory, bits=1024),
+            generate_key("fwd.test", "f1", directory / "fwd", bits=1024))
+
+
+@pytest.fixture(scope="module")
+def dns_zone(keys: tuple[DkimKey, DkimKey]) -> str:
+    """Served on loopback by the ``loopback_dns`` fixture."""
+    sender, forwarder = keys
+    return (f'sender.test. 300 IN TXT "v=spf1 ip4:{SENDER_IP} -all"\n'
             '_dmarc.sender.test. 300 IN TXT "v=DMARC1; p=reject"\n'
             f"{sender.zone_lines()}\n{forwarder.zone_lines()}\n")
-    with LoopbackDNSServer(ZoneResolver(zone)) as server:
-        yield World(sender, forwarder, server.nameserver, server.port)
+
+
+@pytest.fixture(scope="module")
+def world(keys: tuple[DkimKey, DkimKey], loopback_dns: LoopbackDNSServer) -> World:
+    return World(*keys, loopback_dns.nameserver, loopback_dns.port)
 
 
 def with_field(message: bytes, field: bytes = OBSOLETE) -> bytes:

@@ -30,6 +30,8 @@ from mailforward.smtpd.policy import (
     run_checks,
 )
 
+from smtp_harness import Clock
+
 LOCAL_IP = "192.0.2.25"
 CLIENT_IP = "198.51.100.7"
 
@@ -568,17 +570,9 @@ async def test_failing_table_never_yields_an_accept_in_any_phase(table_cls: type
 # ---------------------------------------------------------------- ClientLimits
 
 
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def make_limits(max_concurrent: int = 100, max_rate: int = 100, time_unit: float = 60.0,
-                clock: FakeClock | None = None) -> ClientLimits:
-    return ClientLimits(max_concurrent, max_rate, time_unit, clock=clock or FakeClock())
+                clock: Clock | None = None) -> ClientLimits:
+    return ClientLimits(max_concurrent, max_rate, time_unit, clock=clock or Clock())
 
 
 def test_connections_up_to_the_concurrent_limit_are_admitted() -> None:
@@ -615,7 +609,7 @@ def test_open_connections_of_unknown_client_is_zero() -> None:
 
 
 def test_rate_limit_refuses_connection_within_the_window() -> None:
-    clock = FakeClock()
+    clock = Clock()
     limits = make_limits(max_rate=2, clock=clock)
     for _ in range(2):
         assert limits.connect(CLIENT_IP)
@@ -632,7 +626,7 @@ def test_disconnect_does_not_restore_rate_budget() -> None:
 
 
 def test_rate_window_slides_with_the_clock() -> None:
-    clock = FakeClock(0.0)
+    clock = Clock(0.0)
     limits = make_limits(max_rate=2, time_unit=60.0, clock=clock)
 
     def attempt(at: float) -> bool:
@@ -651,7 +645,7 @@ def test_rate_window_slides_with_the_clock() -> None:
 
 
 def test_refused_attempts_do_not_extend_the_rate_window() -> None:
-    clock = FakeClock(0.0)
+    clock = Clock(0.0)
     limits = make_limits(max_rate=1, time_unit=60.0, clock=clock)
     assert limits.connect(CLIENT_IP)
     limits.disconnect(CLIENT_IP)
@@ -687,7 +681,7 @@ def test_disconnect_of_one_client_does_not_free_another_clients_slot() -> None:
 
 
 def test_idle_client_state_is_forgotten_after_the_window() -> None:
-    clock = FakeClock(0.0)
+    clock = Clock(0.0)
     limits = make_limits(max_concurrent=1, max_rate=1, time_unit=60.0, clock=clock)
     for n in range(100):
         ip = f"203.0.113.{n}"

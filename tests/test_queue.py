@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import smtplib
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.controller import Controller
 from click.testing import CliRunner
 
 from mailforward.admin import Admin
@@ -23,8 +18,7 @@ from mailforward.delivery.base import Message
 from mailforward.delivery.spool import Spool
 from mailforward.tables import open_admin_database
 
-from smtp_harness import HOSTNAME, free_port, wait_for_port
-from test_delivery import BehaviourSink
+from smtp_harness import HOSTNAME, ServeProcess, Sink
 
 MARKER = b"queue-body-marker-5be1"
 
@@ -135,13 +129,6 @@ def test_queue_json_holds_no_raw_control_characters(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- crash safety
 
 
-def _start_serve(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "mailforward", "--config", str(config), "serve"],
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT)
-    wait_for_port("127.0.0.1", port, alive=lambda: proc.poll() is None)
-    return proc
-
-
 def test_acknowledged_mail_survives_a_crash_and_is_delivered_after_restart(
         seeded_database: DatabaseSettings, tmp_path: Path) -> None:
     async def add_alias() -> None:
@@ -149,33 +136,23 @@ def test_acknowledged_mail_survives_a_crash_and_is_delivered_after_restart(
         await Admin(db).add_alias("split@example.org", "now@sink.test,later@sink.test")
         await db.close()
     asyncio.run(add_alias())
-    sink = BehaviourSink()
-    controller = Controller(sink, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    port = free_port()
-    config = tmp_path / "mf.toml"
-    config.write_text(f'[server]\nhostname = "{HOSTNAME}"\nlisten = ["127.0.0.1:{port}"]\n'
-                      f'[database]\nurl = "{seeded_database.url}"\n'
-                      f'[delivery]\nrelay_host = "[127.0.0.1]:{controller.port}"\n'
-                      f'spool_directory = "{tmp_path / "spool"}"\n'
-                      '[auth]\nverify = false\n')
-    proc = _start_serve(config, port, tmp_path / "serve.log")
-    try:
-        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test") as s:
-            assert s.sendmail("sender@ext.test", ["split@example.org"],
-                              b"From: sender@ext.test\r\nSubject: x\r\n\r\nbody\r\n") == {}
-        os.kill(proc.pid, signal.SIGKILL)  # the crash, right after the 250
-        proc.wait(10)
-        assert [rcpts for _, rcpts, _ in sink.envelopes] == [["now@sink.test"]]
-        sink.deferring = False
-        proc = _start_serve(config, port, tmp_path / "serve.log")
-        assert "1 message(s)" in CliRunner().invoke(
-            main, ["--config", str(config), "queue", "flush"]).output
-        deadline = time.monotonic() + 20
-        while len(sink.envelopes) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert [rcpts for _, rcpts, _ in sink.envelopes] == [["now@sink.test"], ["later@sink.test"]]
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        controller.stop()
+    with Sink() as sink:
+        sink.defer = {"later@sink.test"}
+        config = tmp_path / "mf.toml"
+        config.write_text(f'[server]\nhostname = "{HOSTNAME}"\nlisten = ["127.0.0.1:0"]\n'
+                          f'[database]\nurl = "{seeded_database.url}"\n'
+                          f'[delivery]\nrelay_host = "[127.0.0.1]:{sink.port}"\n'
+                          f'spool_directory = "{tmp_path / "spool"}"\n'
+                          '[auth]\nverify = false\n')
+        with ServeProcess(config) as served:
+            with smtplib.SMTP("127.0.0.1", served.port, local_hostname="client.test") as s:
+                assert s.sendmail("sender@ext.test", ["split@example.org"],
+                                  b"From: sender@ext.test\r\nSubject: x\r\n\r\nbody\r\n") == {}
+            served.kill()  # the crash, right after the 250
+            assert [a.rcpt_tos for a in sink.arrivals] == [["now@sink.test"]]
+            sink.defer = set()
+            served.restart()
+            assert "1 message(s)" in CliRunner().invoke(
+                main, ["--config", str(config), "queue", "flush"]).output
+            sink.wait_for(lambda arrivals: len(arrivals) >= 2, timeout=20)
+        assert [a.rcpt_tos for a in sink.arrivals] == [["now@sink.test"], ["later@sink.test"]]

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from dns_server import LoopbackDNSServer, SilentNameserver, ZoneResolver
 from mailforward.delivery.routing import (
     MxRouter,
     NextHop,
@@ -22,6 +21,8 @@ from mailforward.delivery.routing import (
 )
 from mailforward.errors import ConfigError, MailforwardError
 from mailforward.smtpd.replies import Reply
+
+from dns_server import LoopbackDNSServer, SilentNameserver, ZoneResolver
 
 ZONE = """
 pref.test.              300 IN MX 20 mx-b.pref.test.
@@ -79,22 +80,12 @@ smarthost.test.         300 IN MX 10 mx.smarthost.test.
 mx.smarthost.test.      300 IN A 192.0.2.100
 """
 SERVFAIL = ["broken.test", "mx.flaky.test"]
-
-
-@pytest.fixture(scope="module")
-def zone() -> ZoneResolver:
-    return ZoneResolver(ZONE, servfail=SERVFAIL)
-
-
-@pytest.fixture(scope="module")
-def dns_server(zone: ZoneResolver) -> Iterator[LoopbackDNSServer]:
-    with LoopbackDNSServer(zone) as server:
-        yield server
+# ZONE and SERVFAIL are served on loopback: fixtures ``loopback_dns`` and ``dns_zone`` (its resolver).
 
 
 @pytest.fixture
-def router(dns_server: LoopbackDNSServer) -> MxRouter:
-    return MxRouter([dns_server.nameserver], timeout=2.0, rng=random.Random(7))
+def router(loopback_dns: LoopbackDNSServer) -> MxRouter:
+    return MxRouter([loopback_dns.nameserver], timeout=2.0, rng=random.Random(7))
 
 
 @pytest.fixture
@@ -129,16 +120,16 @@ async def test_equal_preference_hosts_all_precede_the_backup(router: MxRouter) -
 
 
 async def test_tie_order_is_reproducible_with_a_seeded_rng(
-        dns_server: LoopbackDNSServer) -> None:
+        loopback_dns: LoopbackDNSServer) -> None:
     def seeded() -> MxRouter:
-        return MxRouter([dns_server.nameserver], timeout=2.0, rng=random.Random(42))
+        return MxRouter([loopback_dns.nameserver], timeout=2.0, rng=random.Random(42))
     assert await seeded().next_hops("tie.test") == await seeded().next_hops("tie.test")
 
 
-async def test_tie_order_varies_with_the_rng(dns_server: LoopbackDNSServer) -> None:
+async def test_tie_order_varies_with_the_rng(loopback_dns: LoopbackDNSServer) -> None:
     orders = set()
     for seed in range(12):
-        router = MxRouter([dns_server.nameserver], timeout=2.0, rng=random.Random(seed))
+        router = MxRouter([loopback_dns.nameserver], timeout=2.0, rng=random.Random(seed))
         orders.add(tuple(hosts(await router.next_hops("tie.test"))[:3]))
     assert len(orders) > 1
 
@@ -160,8 +151,8 @@ async def test_an_address_shared_by_two_mx_hosts_is_listed_once(router: MxRouter
     ]
 
 
-async def test_hops_carry_the_routers_port(dns_server: LoopbackDNSServer) -> None:
-    router = MxRouter([dns_server.nameserver], port=2525, timeout=2.0)
+async def test_hops_carry_the_routers_port(loopback_dns: LoopbackDNSServer) -> None:
+    router = MxRouter([loopback_dns.nameserver], port=2525, timeout=2.0)
     assert {hop.port for hop in await router.next_hops("multi.test")} == {2525}
 
 
@@ -248,8 +239,8 @@ async def test_unresolved_mx_hosts_with_one_servfail_are_a_temporary_failure(
 
 
 async def test_a_silent_nameserver_is_passed_over_for_the_next(
-        silent: SilentNameserver, dns_server: LoopbackDNSServer) -> None:
-    router = MxRouter([silent.nameserver, dns_server.nameserver], timeout=1.0)
+        silent: SilentNameserver, loopback_dns: LoopbackDNSServer) -> None:
+    router = MxRouter([silent.nameserver, loopback_dns.nameserver], timeout=1.0)
     assert hosts(await router.next_hops("pref.test")) == ["mx-a.pref.test", "mx-b.pref.test"]
 
 
@@ -262,10 +253,10 @@ async def test_routing_errors_are_mailforward_errors() -> None:
 # --- literals and relay hosts
 
 
-async def test_ip_literal_is_used_without_dns(router: MxRouter, zone: ZoneResolver) -> None:
-    before = len(zone.queries)
+async def test_ip_literal_is_used_without_dns(router: MxRouter, dns_zone: ZoneResolver) -> None:
+    before = len(dns_zone.queries)
     assert await router.next_hops("[192.0.2.7]") == [NextHop("192.0.2.7", "192.0.2.7", 25)]
-    assert len(zone.queries) == before
+    assert len(dns_zone.queries) == before
 
 
 async def test_ipv6_literal_is_used_without_dns(router: MxRouter) -> None:
@@ -274,10 +265,10 @@ async def test_ipv6_literal_is_used_without_dns(router: MxRouter) -> None:
 
 
 async def test_bracketed_relayhost_skips_the_mx_lookup(
-        router: MxRouter, zone: ZoneResolver) -> None:
+        router: MxRouter, dns_zone: ZoneResolver) -> None:
     assert await router.relay_hops("[smarthost.test]:587") == [
         NextHop("smarthost.test", "192.0.2.99", 587)]
-    assert ("smarthost.test", "MX") not in zone.queries
+    assert ("smarthost.test", "MX") not in dns_zone.queries
 
 
 async def test_unbracketed_relayhost_uses_its_mx(router: MxRouter) -> None:

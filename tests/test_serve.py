@@ -17,7 +17,7 @@ import pytest
 
 from mailforward.config import DatabaseSettings
 
-from smtp_harness import HOSTNAME, free_port, start_sink, wait_for_port
+from smtp_harness import HOSTNAME, ServeProcess, Sink
 from test_smtpd import BODY
 
 PEER = Path(__file__).resolve().parents[2] / "shared" / "peer"
@@ -31,11 +31,11 @@ DELIBERATE_DIFFERENCES = {
 }
 
 
-def write_config(path: Path, port: int, database_url: str, sink_port: int) -> Path:
+def write_config(path: Path, database_url: str, sink_port: int) -> Path:
     path.write_text(f"""
 [server]
 hostname = "{HOSTNAME}"
-listen = ["127.0.0.1:{port}"]
+listen = ["127.0.0.1:0"]
 
 [database]
 url = "{database_url}"
@@ -58,36 +58,26 @@ secret_file = "{path.parent / 'srs.secret'}"
 
 
 @pytest.fixture
-def serve(seeded_database: DatabaseSettings, tmp_path: Path) -> Iterator[tuple[int, object]]:
-    sink, sink_handler = start_sink()
-    port = free_port()
-    config = write_config(tmp_path / "mailforward.toml", port, seeded_database.url, sink.port)
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "mailforward", "--config", str(config), "serve"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port("127.0.0.1", port, alive=lambda: proc.poll() is None)
-        yield port, sink_handler
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        sink.stop()
-        log.close()
+def serve(seeded_database: DatabaseSettings, tmp_path: Path) -> Iterator[tuple[int, Sink]]:
+    with Sink() as sink:
+        config = write_config(tmp_path / "mailforward.toml", seeded_database.url, sink.port)
+        with ServeProcess(config) as served:
+            yield served.port, sink
 
 
-def test_serve_forwards_to_the_relay_host(serve: tuple[int, object]) -> None:
+def test_serve_forwards_to_the_relay_host(serve: tuple[int, Sink]) -> None:
     port, sink = serve
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test") as s:
         assert s.sendmail("sender@ext.test", ["multi@example.org"], BODY) == {}
-    envelopes = sorted(sink.envelopes, key=lambda e: e[1])  # type: ignore[attr-defined]
-    assert [rcpts for _, rcpts, _ in envelopes] == [["a@sink.test"], ["b@sink2.test"]]  # one per domain
-    mail_from, _, content = envelopes[0]
-    assert mail_from.startswith("SRS0=") and mail_from.endswith("=ext.test=sender@example.org")
-    assert content.endswith(b"probe body\r\n")
+    arrivals = sorted(sink.arrivals, key=lambda a: a.rcpt_tos)
+    assert [a.rcpt_tos for a in arrivals] == [["a@sink.test", "b@sink2.test"]]  # one per next hop
+    assert arrivals[0].mail_from.startswith("SRS0=")
+    assert arrivals[0].mail_from.endswith("=ext.test=sender@example.org")
+    assert arrivals[0].content.endswith(b"probe body\r\n")
 
 
 @pytest.mark.skipif(not (PEER / "probe.py").exists(), reason="shared/peer is not beside this checkout")
-def test_reference_cases_get_the_reference_reply_codes(serve: tuple[int, object]) -> None:
+def test_reference_cases_get_the_reference_reply_codes(serve: tuple[int, Sink]) -> None:
     port, _ = serve
     result = subprocess.run([sys.executable, str(PEER / "probe.py"), "--port", str(port),
                              "--timeout", "5", "--compare", str(PEER / "peer-results.json")],

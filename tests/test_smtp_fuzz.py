@@ -24,7 +24,6 @@ A fixed list of probes runs the same checks on sessions known to have hurt.
 from __future__ import annotations
 
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +65,7 @@ def run_session(world: TrustWorld, chunks: list[bytes], *, trusted: bool = False
                 raw = client.file.readline()
             except ConnectionResetError:
                 break
-            except socket.timeout:
+            except TimeoutError:
                 pytest.fail(f"the server stopped answering within {SESSION_TIMEOUT} s: {chunks!r}")
             if not raw:
                 break

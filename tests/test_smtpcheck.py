@@ -2,15 +2,16 @@
 
 The server under test delivers to ``[delivery] relay_host = [127.0.0.1]:SINK``;
 the check command starts its own sink on that port, so the one test message
-never leaves the machine.
+never leaves the machine.  The test holds SINK (bound, not listening) from
+before the server starts until the end, so no other program can take it; the
+check's sink binds it with SO_REUSEADDR as asyncio does.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,7 @@ from mailforward.cli import main
 from mailforward.config import DatabaseSettings
 from mailforward.smtpcheck import DEFAULT_SENDER, relay_tricks, srs_problem
 
-from dns_server import LoopbackDNSServer, ZoneResolver
-from smtp_harness import HOSTNAME, free_port, wait_for_port
+from smtp_harness import HOSTNAME, ServeProcess, held_port, serve_zone
 
 ITEMS = ["recipient", "spoofing rejected", "SRS rewrite", "no local delivery", "no open relay",
          "VRFY disabled"]
@@ -29,7 +29,7 @@ ITEMS = ["recipient", "spoofing rejected", "SRS rewrite", "no local delivery", "
 Serve = Callable[..., tuple[Path, int, int]]
 
 
-def write_config(path: Path, port: int, database_url: str, sink_port: int, nameserver: str,
+def write_config(path: Path, database_url: str, sink_port: int, nameserver: str,
                  extra: str) -> Path:
     secret = path.parent / "srs.secret"
     secret.write_text("0123456789abcdef\n")
@@ -37,7 +37,7 @@ def write_config(path: Path, port: int, database_url: str, sink_port: int, names
     path.write_text(f"""
 [server]
 hostname = "{HOSTNAME}"
-listen = ["127.0.0.1:{port}"]
+listen = ["127.0.0.1:0"]
 {extra}
 
 [database]
@@ -58,27 +58,21 @@ secret_file = "{secret}"
 @pytest.fixture
 def serve(seeded_database: DatabaseSettings, tmp_path: Path) -> Iterator[Serve]:
     """Start ``mailforward serve``; returns (config, SMTP port, sink port the check must use)."""
-    procs: list[subprocess.Popen[bytes]] = []
-    dns = LoopbackDNSServer(ZoneResolver("")).start()  # never the machine's resolver
+    with ExitStack() as stack:
+        dns = stack.enter_context(serve_zone(""))  # never the machine's resolver
+        started: list[ServeProcess] = []
 
-    def start(srs_domain: str = "example.org", extra: str = "") -> tuple[Path, int, int]:
-        port, sink_port = free_port(), free_port()
-        config = write_config(tmp_path / f"serve{len(procs)}.toml", port, seeded_database.url,
-                              sink_port, dns.nameserver, extra)
-        if srs_domain:
-            config.write_text(config.read_text().replace("[srs]\n", f'[srs]\ndomain = "{srs_domain}"\n'))
-        log = (tmp_path / f"serve{len(procs)}.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "mailforward", "--config", str(config),
-                                 "serve"], stdout=log, stderr=subprocess.STDOUT)
-        procs.append(proc)
-        wait_for_port("127.0.0.1", port, alive=lambda: proc.poll() is None)
-        return config, port, sink_port
+        def start(srs_domain: str = "example.org", extra: str = "") -> tuple[Path, int, int]:
+            sink_port = stack.enter_context(held_port())
+            config = write_config(tmp_path / f"serve{len(started)}.toml", seeded_database.url,
+                                  sink_port, dns.nameserver, extra)
+            if srs_domain:
+                config.write_text(config.read_text().replace("[srs]\n", f'[srs]\ndomain = "{srs_domain}"\n'))
+            served = stack.enter_context(ServeProcess(config, tmp_path / f"serve{len(started)}.log"))
+            started.append(served)
+            return config, served.port, sink_port
 
-    yield start
-    for proc in procs:
-        proc.terminate()
-        proc.wait(10)
-    dns.stop()
+        yield start
 
 
 def check_smtp(config: Path, port: int, sink_port: int, *more: str) -> Result:
@@ -128,8 +122,9 @@ def test_client_in_mynetworks_fails_spoofing_relay_and_local_delivery(serve: Ser
 
 
 def test_nothing_listening_fails_with_a_connect_reason(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["check", "--smtp", f"127.0.0.1:{free_port()}",
-                                       "--to", "alice@example.org", "--timeout", "2"])
+    with held_port() as nothing_listens:
+        result = CliRunner().invoke(main, ["check", "--smtp", f"127.0.0.1:{nothing_listens}",
+                                           "--to", "alice@example.org", "--timeout", "2"])
     assert result.exit_code == 1
     assert result.output.startswith("✗ connect — cannot connect to 127.0.0.1:")
 

@@ -7,7 +7,6 @@ Each test is one behaviour; expected replies are the named constants from
 from __future__ import annotations
 
 import smtplib
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -16,7 +15,7 @@ from mailforward.config import DatabaseSettings
 from mailforward.smtpd import replies
 from mailforward.smtpd.replies import Reply
 
-from smtp_harness import HOSTNAME, RawClient, ServerThread, free_port
+from smtp_harness import HOSTNAME, RawClient, ServerThread, held_port, wait_until, wait_until_consumed
 
 BODY = "From: sender@ext.test\r\nTo: x\r\nSubject: probe\r\n\r\nprobe body\r\n"
 
@@ -172,6 +171,7 @@ def test_address_tricks_are_relay_denied(smtp_server: ServerThread, trick: str) 
 
 def test_percent_hack_is_not_relayed_even_with_a_catch_all(seeded_database: DatabaseSettings) -> None:
     import asyncio
+
     from mailforward.admin import Admin
     from mailforward.tables import open_admin_database
 
@@ -469,7 +469,7 @@ def test_disconnect_mid_data_delivers_nothing(smtp_server: ServerThread) -> None
     with RawClient(smtp_server.host, smtp_server.port) as c:
         _start_data(c)
         c.send("Subject: half\r\n\r\nhalf a message\r\n")
-    time.sleep(0.3)
+    wait_until(lambda: smtp_server.open_connections() == 0)  # the session is over
     assert smtp_server.messages == []
     assert dialog(smtp_server, "NOOP")[-1] == str(replies.OK)  # still serving
 
@@ -533,7 +533,7 @@ def test_concurrent_connection_limit_per_client(seeded_database: DatabaseSetting
         with RawClient(server.host, server.port) as third:
             assert third.read_reply() == str(replies.too_many_connections(HOSTNAME, "127.0.0.1"))
         first.close()
-        time.sleep(0.2)
+        wait_until(lambda: server.open_connections() == 1)  # the server saw the first go
         with RawClient(server.host, server.port) as fourth:
             assert fourth.read_reply().startswith("220")
         second.close()
@@ -596,14 +596,15 @@ def test_idle_client_is_disconnected_with_421(seeded_database: DatabaseSettings)
 
 
 def test_database_outage_is_a_temporary_lookup_failure() -> None:
-    dead = DatabaseSettings(url=f"mysql://root@127.0.0.1:{free_port()}/maildb",
-                            connect_timeout=0.5, query_timeout=0.5)
-    server = ServerThread(dead)
-    try:
-        assert rcpt_reply(server, "alice@example.org") == str(
-            replies.TEMPORARY_LOOKUP_FAILURE.about("alice@example.org"))
-    finally:
-        server.close()
+    with held_port() as nothing_listens:
+        dead = DatabaseSettings(url=f"mysql://root@127.0.0.1:{nothing_listens}/maildb",
+                                connect_timeout=0.5, query_timeout=0.5)
+        server = ServerThread(dead)
+        try:
+            assert rcpt_reply(server, "alice@example.org") == str(
+                replies.TEMPORARY_LOOKUP_FAILURE.about("alice@example.org"))
+        finally:
+            server.close()
 
 
 class _ExplodingDelivery:
@@ -661,7 +662,7 @@ def test_dot_after_an_oversized_long_line_does_not_end_data(seeded_database: Dat
             _start_data(c)
             # The long line's last piece is ".", its line end arrives on its own.
             c.send("From: s@ext.test\r\nSubject: x\r\n\r\n" + "v" * 5000 + ".")
-            time.sleep(0.2)
+            wait_until_consumed(c.sock)  # the server has this piece before the next is sent
             c.send("\r\nmore\r\n.\r\n")
             assert c.read_reply() == str(replies.MESSAGE_TOO_BIG)
             assert c.command("NOOP") == str(replies.OK)

@@ -18,8 +18,20 @@ import pytest
 
 from mailforward.smtpd import replies
 
-from trust_world import (ALIAS, Arrival, Outcome, Reply, TrustWorld, from_domains, header_section,
-                         is_ours, new_marker, org_domain, sign, world)
+from trust_world import (
+    ALIAS,
+    Arrival,
+    Outcome,
+    Reply,
+    TrustWorld,
+    from_domains,
+    header_section,
+    is_ours,
+    new_marker,
+    org_domain,
+    sign,
+    world,
+)
 
 __all__ = ["world"]  # the module-scoped fixture, imported for pytest
 
@@ -175,7 +187,7 @@ def test_harness_judges_a_plain_forward_as_the_destination_would(world: TrustWor
     outcome = world.send(ENVELOPE, message(b"From: x@attacker.test\r\n", marker), marker=marker)
     assert outcome.final.code == 250
     arrival = outcome.arrived
-    assert arrival.rcpts == ["alice@dest.test"]
+    assert arrival.rcpt_tos == ["alice@dest.test"]
     assert world.judge.dkim(arrival.content) == [("pass", "fwd.test")]
     assert world.judge.dkim(arrival.content) == mail_dkim_verify(arrival.content, world.dns.port)
     assert world.judge.arc(arrival.content) == "pass"

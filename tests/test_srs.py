@@ -37,24 +37,16 @@ from mailforward.srs import (
 )
 from mailforward.srs_tcp import parse_request, start_srs_tcp_servers, url_encode
 
+from smtp_harness import Clock  # settable: one test mints an address and ages it
+
 T0 = 1577836860  # PostSRSd's test time: day 18262, stamp "2W"
 DAY = 86400
 SECRET = "tops3cr3t"
 
 
-class Clock:
-    """A settable clock, so one test can mint an address and age it."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def make(clock: Clock | None = None, **kwargs: Any) -> SrsRewriter:
     kwargs.setdefault("secrets", [SECRET])
-    return SrsRewriter("example.com", clock=clock or Clock(), **kwargs)
+    return SrsRewriter("example.com", clock=clock or Clock(T0), **kwargs)
 
 
 @pytest.fixture

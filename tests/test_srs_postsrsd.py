@@ -26,6 +26,8 @@ from hypothesis import strategies as st
 from mailforward.srs import SrsRewriter
 from mailforward.srs_tcp import reply_line, start_srs_tcp_servers, url_encode
 
+from smtp_harness import Clock, wait_for_listening_ports
+
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
 POSTSRSD = shutil.which("postsrsd", path=_SEARCH_PATH)
 if POSTSRSD is None:
@@ -56,25 +58,6 @@ class Pair:
 CONFIGS = {"eq": ("=", 4, 4), "plus": ("+", 6, 3), "minus": ("-", 4, 4)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"postsrsd exited with {proc.returncode}: {log.read_text()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"postsrsd did not listen on 127.0.0.1:{port}: {log.read_text()}")
-
-
 def postsrsd_command(secret_file: Path, separator: str, hash_length: int, hash_min: int,
                      forward_port: int, reverse_port: int) -> list[str]:
     """Foreground, loopback, no -u/-c (none needed for ports above 1024)."""
@@ -103,15 +86,17 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pair]]
     result: dict[str, Pair] = {}
     try:
         for name, (separator, hash_length, hash_min) in CONFIGS.items():
-            ports = (_free_port(), _free_port())
             log = tmp / f"{name}.log"
-            with log.open("wb") as out:
+            with log.open("wb") as out:  # port 0: PostSRSd binds ephemeral ports ...
                 proc = subprocess.Popen(
-                    postsrsd_command(secret_file, separator, hash_length, hash_min, *ports),
+                    postsrsd_command(secret_file, separator, hash_length, hash_min, 0, 0),
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
             processes.append(proc)
-            for port in ports:
-                _wait_listening(port, proc, log)
+            try:  # ... and logs none of them: they come from /proc, forward first
+                forward, reverse = wait_for_listening_ports(proc, 2, timeout=10)
+            except (RuntimeError, TimeoutError) as e:
+                raise RuntimeError(f"postsrsd did not listen: {e}: {log.read_text()}") from None
+            ports = (forward, reverse)
             rewriter = SrsRewriter(DOMAIN, [NEW_SECRET, OLD_SECRET], separator=separator,
                                    hash_length=hash_length, hash_min=hash_min,
                                    exclude_domains=EXCLUDES)
@@ -247,7 +232,7 @@ def test_expiry_agrees_with_postsrsd(pair: Pair, days_ago: int) -> None:
         separator, hash_length, hash_min = CONFIGS[pair.name]
         then = time.time() - days_ago * 86400
         minted = SrsRewriter(DOMAIN, [NEW_SECRET], separator=separator, hash_length=hash_length,
-                             hash_min=hash_min, clock=lambda: then).forward("alice@sender.test")
+                             hash_min=hash_min, clock=Clock(then)).forward("alice@sender.test")
         data = get(minted.encode())
         return query(pair.postsrsd[REVERSE], data), query(pair.ours[REVERSE], data)
 

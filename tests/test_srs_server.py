@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from mailforward.smtpd import replies
 from mailforward.smtpd.server import MailServer
 from mailforward.srs import SrsRewriter
 
-from smtp_harness import ServerThread, free_port, wait_for_port
+from smtp_harness import Clock, RawClient, ServerThread, wait_for_log
 from test_smtpd import rcpt_reply, send
 
 SECRET = "tops3cr3t"
@@ -73,7 +74,7 @@ def test_tampered_hash_is_user_unknown(srs_server: ServerThread, rewriter: SrsRe
 
 
 def test_expired_srs_address_is_user_unknown(srs_server: ServerThread) -> None:
-    month_ago = SrsRewriter("example.org", [SECRET], clock=lambda: time.time() - 30 * 86400)
+    month_ago = SrsRewriter("example.org", [SECRET], clock=Clock(time.time() - 30 * 86400))
     address = month_ago.forward("someone@ext.test")
     assert rcpt_reply(srs_server, address, sender="") == str(replies.USER_UNKNOWN.about(address))
 
@@ -94,7 +95,7 @@ def test_srs_address_signed_with_another_secret_is_user_unknown(srs_server: Serv
 
 def _serve_with_secret(tmp_path: Path, secret: Path) -> subprocess.CompletedProcess[str]:
     config = tmp_path / "mf.toml"
-    config.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\n'
+    config.write_text('[server]\nlisten = ["127.0.0.1:0"]\n'
                       f'[database]\nurl = "sqlite:///{tmp_path}/db"\n'
                       f'[srs]\ndomain = "example.org"\nsecret_file = "{secret}"\n')
     return subprocess.run([sys.executable, "-m", "mailforward", "--config", str(config), "serve"],
@@ -187,15 +188,18 @@ def test_cli_srs_without_domain_exits_2() -> None:
 
 
 def test_srs_serve_answers_tcp_table_queries(tmp_path: Path, secret_file: Path) -> None:
-    forward_port, reverse_port = free_port(), free_port()
-    env = {**_srs_env(secret_file), "MAILFORWARD_SRS__FORWARD_PORT": str(forward_port),
-           "MAILFORWARD_SRS__REVERSE_PORT": str(reverse_port),
+    env = {**_srs_env(secret_file), "MAILFORWARD_SRS__FORWARD_PORT": "0",
+           "MAILFORWARD_SRS__REVERSE_PORT": "0",
            "MAILFORWARD_DATABASE__URL": f"sqlite:///{tmp_path}/db"}
-    import os
-    proc = subprocess.Popen([sys.executable, "-m", "mailforward", "srs", "serve"],
-                            env={**os.environ, **env}, stderr=subprocess.DEVNULL)
+    log = tmp_path / "srs.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mailforward", "srs", "serve"],
+                                env={**os.environ, **env}, stderr=out)
     try:
-        wait_for_port("127.0.0.1", reverse_port, alive=lambda: proc.poll() is None)
+        forward, reverse = wait_for_log(proc, log, r"listening for (forward|reverse) lookups on "
+                                                   r"127\.0\.0\.1:(\d+)", count=2)
+        ports = {kind: int(port) for kind, port in (forward.groups(), reverse.groups())}
+        forward_port, reverse_port = ports["forward"], ports["reverse"]
         with socket.create_connection(("127.0.0.1", forward_port), timeout=5) as s:
             s.sendall(b"get user@ext.test\n")
             answer = s.makefile("rb").readline()
@@ -212,7 +216,6 @@ def test_srs_serve_answers_tcp_table_queries(tmp_path: Path, secret_file: Path) 
 # ---------------------------------------------------------------- senders SRS cannot carry
 
 def mail_from_reply(server: ServerThread, mail_from: bytes) -> str:
-    from smtp_harness import RawClient
     with RawClient(server.host, server.port) as c:
         c.read_reply()
         c.command("EHLO client.test")
@@ -237,7 +240,6 @@ def test_utf8_sender_without_smtputf8_is_refused(srs_server: ServerThread) -> No
 
 def test_utf8_sender_with_smtputf8_is_rewritten_to_a_utf8_srs_address(
         srs_server: ServerThread, rewriter: SrsRewriter) -> None:
-    from smtp_harness import RawClient
     with RawClient(srs_server.host, srs_server.port) as c:
         c.read_reply()
         c.command("EHLO client.test")

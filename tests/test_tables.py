@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import pytest
@@ -16,6 +15,7 @@ from mailforward.tables import open_table
 from mailforward.tables.cache import CachedTable
 
 from conftest import raw_sql
+from smtp_harness import Clock, held_port
 
 
 async def test_active_domain_is_hosted(seeded_settings: DatabaseSettings) -> None:
@@ -125,17 +125,15 @@ async def test_broken_query_is_a_temporary_error(seeded_settings: DatabaseSettin
 
 
 async def test_dead_mariadb_port_is_a_temporary_error_within_the_timeout() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    settings = DatabaseSettings(url=f"mysql://root@127.0.0.1:{port}/maildb", connect_timeout=1,
-                                query_timeout=1)
-    table = await open_table(settings)
-    started = time.monotonic()
-    with pytest.raises(TemporaryLookupError):
-        await table.domain_is_hosted("example.org")
-    assert time.monotonic() - started < 3
-    await table.close()
+    with held_port() as nothing_listens:
+        settings = DatabaseSettings(url=f"mysql://root@127.0.0.1:{nothing_listens}/maildb",
+                                    connect_timeout=1, query_timeout=1)
+        table = await open_table(settings)
+        started = time.monotonic()
+        with pytest.raises(TemporaryLookupError):
+            await table.domain_is_hosted("example.org")
+        assert time.monotonic() - started < 3
+        await table.close()
 
 
 async def test_unresponsive_mariadb_times_out_as_a_temporary_error() -> None:
@@ -156,13 +154,11 @@ async def test_unresponsive_mariadb_times_out_as_a_temporary_error() -> None:
 @pytest.mark.parametrize("backend", ["mariadb"])
 async def test_failover_uses_the_second_host(mariadb_database: str, seeded_settings: DatabaseSettings,
                                              backend: str) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
-    url = f"mysql://root@127.0.0.1:{dead},127.0.0.1:3306/{mariadb_database}"
-    table = await open_table(DatabaseSettings(url=url, connect_timeout=1, query_timeout=1))
-    assert await table.domain_is_hosted("example.org")
-    await table.close()
+    with held_port() as dead:
+        url = f"mysql://root@127.0.0.1:{dead},127.0.0.1:3306/{mariadb_database}"
+        table = await open_table(DatabaseSettings(url=url, connect_timeout=1, query_timeout=1))
+        assert await table.domain_is_hosted("example.org")
+        await table.close()
 
 
 async def test_missing_sqlite_file_is_a_temporary_error(tmp_path: object) -> None:
@@ -192,23 +188,23 @@ class _CountingTable:
 
 
 async def test_cache_answers_repeat_lookups_until_ttl() -> None:
-    now = [0.0]
+    clock = Clock(0.0)
     inner = _CountingTable()
-    table = CachedTable(inner, ttl=60, negative_ttl=10, clock=lambda: now[0])
+    table = CachedTable(inner, ttl=60, negative_ttl=10, clock=clock)
     assert await table.domain_is_hosted("example.org")
     assert await table.domain_is_hosted("example.org")
     assert inner.calls == 1
-    now[0] = 61
+    clock.now = 61
     assert await table.domain_is_hosted("example.org")
     assert inner.calls == 2
 
 
 async def test_negative_answers_use_the_negative_ttl() -> None:
-    now = [0.0]
+    clock = Clock(0.0)
     inner = _CountingTable()
-    table = CachedTable(inner, ttl=60, negative_ttl=10, clock=lambda: now[0])
+    table = CachedTable(inner, ttl=60, negative_ttl=10, clock=clock)
     assert not await table.domain_is_hosted("other.test")
-    now[0] = 11
+    clock.now = 11
     assert not await table.domain_is_hosted("other.test")
     assert inner.calls == 2
 

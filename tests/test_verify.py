@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import base64
 import logging
+import threading
 import time
-from collections.abc import Iterator
 
 import authres  # type: ignore[import-untyped]
 import dkim  # type: ignore[import-untyped]
@@ -18,7 +18,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from dns_server import LoopbackDNSServer, SilentNameserver, ZoneResolver
+from mailforward.auth import executors
+from mailforward.auth import verify as verify_module
 from mailforward.auth.verify import (
     AuthVerdict,
     DkimVerdict,
@@ -28,6 +29,8 @@ from mailforward.auth.verify import (
     check_spf,
     strip_forged_results,
 )
+
+from dns_server import SilentNameserver
 
 AUTHSERV_ID = "mx.forward.test"
 CLIENT = "192.0.2.10"  # authorised by example.test's SPF record
@@ -71,12 +74,7 @@ arc._domainkey.sealer.test. 300 IN TXT {ARC_TXT}
 """ + "".join(f"h{n}.toomany.test. 300 IN A 192.0.2.{200 + n}\n" for n in range(1, 12))
 
 SERVFAIL = ["servfail.test", "slowkey._domainkey.example.test", "_dmarc.flaky.test"]
-
-
-@pytest.fixture(scope="module")
-def nameserver() -> Iterator[str]:
-    with LoopbackDNSServer(ZoneResolver(ZONE, servfail=SERVFAIL)) as server:
-        yield server.nameserver
+# ZONE and SERVFAIL are served on loopback to every test that takes the ``nameserver`` fixture.
 
 
 @pytest.fixture
@@ -380,6 +378,86 @@ async def test_verify_survives_garbage_message(verifier: Verifier) -> None:
                                     "bounce@example.test")
     assert isinstance(verdict, AuthVerdict)
     assert verdict.dkim == ()
+
+
+# --- Which pool does what ------------------------------------------------------
+
+async def test_lookups_run_in_the_dns_pool_and_rsa_in_the_cpu_pool(
+        verifier: Verifier, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS waits never hold a CPU worker, RSA never runs where lookups wait (nor on the loop)."""
+    lookups: list[str] = []
+    rsa_checks: list[str] = []
+    real_lookup, real_rsa = verify_module.txt_records_sync, dkim.RSASSA_PKCS1_v1_5_verify
+
+    def recording_lookup(*args: object, **kwargs: object) -> list[bytes]:
+        lookups.append(threading.current_thread().name)
+        return real_lookup(*args, **kwargs)  # type: ignore[arg-type]
+
+    def recording_rsa(*args: object) -> bool:
+        rsa_checks.append(threading.current_thread().name)
+        return bool(real_rsa(*args))
+
+    monkeypatch.setattr(verify_module, "txt_records_sync", recording_lookup)
+    monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_verify", recording_rsa)
+    verdict = await verifier.verify(sealed(signed(message())), CLIENT, "mx.helo.test",
+                                    "a@example.test")
+    assert [d.result for d in verdict.dkim] == ["pass"] and verdict.arc == "pass"
+    assert len(lookups) >= 3 and len(rsa_checks) == 3  # DKIM-Signature, AMS, AS
+    assert all(name.startswith(executors.DNS.name) for name in lookups), lookups
+    assert all(name.startswith(executors.CPU.name) for name in rsa_checks), rsa_checks
+
+
+async def test_a_key_record_is_fetched_once_for_signatures_sharing_it(
+        verifier: Verifier, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str] = []
+    real_lookup = verify_module.txt_records_sync
+
+    def recording_lookup(resolver: object, name: str) -> list[bytes]:
+        asked.append(name)
+        return real_lookup(resolver, name)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(verify_module, "txt_records_sync", recording_lookup)
+    twice = signed(signed(message()))
+    verdict = await verifier.verify(twice, CLIENT, "mx.helo.test", "a@example.test")
+    assert [d.result for d in verdict.dkim] == ["pass", "pass"]
+    assert asked.count("sel._domainkey.example.test") == 1
+
+
+def test_key_names_are_the_ones_dkimpy_asks_for() -> None:
+    """Prefetched names match dkimpy's requests exactly, so nothing is looked up twice."""
+    raw = sealed(signed(message(), selector=b"sel"))
+    asked: list[bytes] = []
+
+    def record(name: bytes, timeout: float = 5) -> bytes | None:
+        asked.append(name)
+        return None
+
+    dkim.DKIM(raw).verify(dnsfunc=record)
+    assert verify_module._dkim_key_names(raw) == asked
+    asked.clear()
+    dkim.arc_verify(raw, dnsfunc=record)
+    assert set(asked) <= set(verify_module._arc_key_names(raw))
+
+
+def test_dkim_signature_failing_dkimpys_field_checks_is_not_looked_up() -> None:
+    raw = signed(message()).replace(b"a=rsa-sha256", b"a=rsa-md5", 1)
+    assert verify_module._dkim_key_names(raw) == []
+
+
+def test_arc_key_lookups_are_bounded() -> None:
+    seals = "".join(f"ARC-Seal: i={n}; a=rsa-sha256; cv=pass; d=chain.test; s=s{n}; b=AAAA\r\n"
+                    for n in range(1, 31))
+    raw = seals.encode() + message()
+    names = verify_module._arc_key_names(raw)
+    assert len(names) == verify_module.ARC_KEY_LOOKUPS
+    assert b"s30._domainkey.chain.test." in names  # the newest seals are checked first
+
+
+async def test_arc_seal_past_the_lookup_limit_fails(verifier: Verifier,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(verify_module, "ARC_KEY_LOOKUPS", 0)
+    verdict = await verifier.verify(sealed(message()), CLIENT, "mx.helo.test", "a@example.test")
+    assert verdict.arc == "fail"
 
 
 # --- Forged results -----------------------------------------------------------

@@ -4,7 +4,8 @@ One module-scoped fixture, :func:`world`, gives a test module:
 
 * a loopback DNS server with the senders' SPF/DKIM/DMARC records and our
   own (``fwd.test`` signing and ARC key, ``srs.fwd.test`` SPF);
-* a sink that keeps the exact bytes it was sent (lines of any length);
+* a sink (``smtp_harness.Sink``) that keeps the exact bytes it was sent, lines
+  of any length (up to 1 MiB);
 * ``mailforward serve`` as a subprocess, its log in a file, its spool in a
   directory the tests can look into;
 * a raw SMTP client that can connect as an outsider (127.0.0.1) or as a
@@ -24,18 +25,15 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP
 
 from mailforward.admin import Admin
 from mailforward.auth.dkim import DkimKey, generate_key
@@ -43,8 +41,8 @@ from mailforward.config import DatabaseSettings
 from mailforward.srs import generate_secret_file
 from mailforward.tables import open_admin_database
 
-from dns_server import LoopbackDNSServer, ZoneResolver
-from smtp_harness import free_port, wait_for_port
+from dns_server import LoopbackDNSServer
+from smtp_harness import Arrival, ServeProcess, Sink, serve_zone
 
 HOSTNAME = "mail.example.com"
 UNTRUSTED_IP = "127.0.0.1"
@@ -174,38 +172,6 @@ class MailDkimJudge:
             self._proc.stdout.close()
 
 
-# --------------------------------------------------------------------------- the sink
-
-
-@dataclass(frozen=True)
-class Arrival:
-    mail_from: str
-    rcpts: list[str]
-    content: bytes  # the exact bytes, dot-unstuffed
-    mail_options: list[str]
-
-
-class _KeepingHandler:
-    def __init__(self) -> None:
-        self.arrivals: list[Arrival] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.arrivals.append(Arrival(envelope.mail_from, list(envelope.rcpt_tos),
-                                     bytes(envelope.original_content), list(envelope.mail_options)))
-        return "250 2.0.0 Ok: sunk"
-
-
-class _LongLineSMTP(SMTP):
-    """The destination keeps lines of any length: the tests judge what we send, not RFC 5321's 1000."""
-
-    line_length_limit = 1 << 20
-
-
-class _SinkController(Controller):
-    def factory(self) -> SMTP:
-        return _LongLineSMTP(self.handler, **self.SMTP_kwargs)
-
-
 # --------------------------------------------------------------------------- SMTP client
 
 
@@ -243,7 +209,7 @@ class Client:
         while True:
             try:
                 raw = self.file.readline()
-            except (ConnectionError, socket.timeout):
+            except (TimeoutError, ConnectionError):
                 raw = b""
             if not raw:
                 return Reply(0, "(connection closed)", tuple(lines)) if not lines else \
@@ -336,7 +302,7 @@ def new_marker() -> str:
 
 
 class TrustWorld:
-    def __init__(self, port: int, sink: _KeepingHandler, dns: LoopbackDNSServer,
+    def __init__(self, port: int, sink: Sink, dns: LoopbackDNSServer,
                  judge: MailDkimJudge, keys: dict[str, DkimKey], log: Path, spool: Path,
                  proc: subprocess.Popen[bytes]) -> None:
         self.port, self.sink, self.dns, self.judge = port, sink, dns, judge
@@ -355,10 +321,10 @@ class TrustWorld:
             assert client.banner.code == 220, client.banner
             assert client.command(f"EHLO {helo}").code == 250
             params = f" {mail_params}" if mail_params else ""
-            outcome = Outcome(client.command(f"MAIL FROM:<{mail_from}>{params}".encode("utf-8")))
+            outcome = Outcome(client.command(f"MAIL FROM:<{mail_from}>{params}".encode()))
             if outcome.mail.code != 250:
                 return outcome
-            outcome.rcpts = [client.command(f"RCPT TO:<{rcpt}>".encode("utf-8")) for rcpt in rcpts]
+            outcome.rcpts = [client.command(f"RCPT TO:<{rcpt}>".encode()) for rcpt in rcpts]
             if not any(r.code == 250 for r in outcome.rcpts):
                 return outcome
             outcome.data = client.data(content)
@@ -372,12 +338,11 @@ class TrustWorld:
         wait only matters when something went wrong.
         """
         needle = marker.encode() if isinstance(marker, str) else marker
-        deadline = time.monotonic() + (timeout if expect else 0)
-        while True:
-            found = [a for a in list(self.sink.arrivals) if needle in a.content]
-            if found or time.monotonic() >= deadline:
-                return found
-            time.sleep(0.05)
+
+        def found(arrivals: list[Arrival]) -> list[Arrival]:
+            return [a for a in arrivals if needle in a.content]
+
+        return self.sink.wait_for(found, timeout if expect else 0)
 
     # --- the destination's view
 
@@ -471,17 +436,26 @@ def start_world(base: Path, server_options: str = "") -> Iterator[TrustWorld]:
     database = DatabaseSettings(url=f"sqlite:///{base / 'mf.db'}")
     asyncio.run(_seed(database))
     generate_secret_file(base / "srs.secret")
-    controller = _SinkController(_KeepingHandler(), hostname="127.0.0.1", port=free_port())
-    controller.start()
-    dns = LoopbackDNSServer(ZoneResolver(zone)).start()
-    judge = MailDkimJudge(dns.port, base / "mail-dkim.stderr")
-    port = free_port()
-    spool, log = base / "spool", base / "serve.log"
+    with ExitStack() as stack:
+        sink = stack.enter_context(Sink(line_length_limit=1 << 20))  # we judge what we send,
+        dns = stack.enter_context(serve_zone(zone))                  # not RFC 5321's 1000
+        judge = MailDkimJudge(dns.port, base / "mail-dkim.stderr")
+        stack.callback(judge.close)
+        config = _write_config(base, server_options, database, sink.port, dns.nameserver, keys)
+        try:
+            served = stack.enter_context(ServeProcess(config, base / "serve.log"))
+        except (RuntimeError, TimeoutError) as e:
+            pytest.fail(f"mailforward serve did not start: {e}")
+        yield TrustWorld(served.port, sink, dns, judge, keys, served.log, base / "spool", served.proc)
+
+
+def _write_config(base: Path, server_options: str, database: DatabaseSettings, sink_port: int,
+                  nameserver: str, keys: dict[str, DkimKey]) -> Path:
     config = base / "mf.toml"
     config.write_text(f"""
 [server]
 hostname = "{HOSTNAME}"
-listen = ["127.0.0.1:{port}"]
+listen = ["127.0.0.1:0"]
 mynetworks = ["{TRUSTED_IP}/32"]
 client_connection_count_limit = 1000
 client_connection_rate_limit = 1000000
@@ -489,9 +463,9 @@ client_connection_rate_limit = 1000000
 [database]
 url = "{database.url}"
 [delivery]
-relay_host = "[127.0.0.1]:{controller.port}"
-nameservers = ["{dns.nameserver}"]
-spool_directory = "{spool}"
+relay_host = "[127.0.0.1]:{sink_port}"
+nameservers = ["{nameserver}"]
+spool_directory = "{base / 'spool'}"
 retry_first = 3600
 [srs]
 domain = "{SRS_DOMAIN}"
@@ -505,24 +479,7 @@ selector = "fwd"
 [auth]
 verify = true
 """)
-    proc = subprocess.Popen([sys.executable, "-m", "mailforward", "--config", str(config), "serve"],
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT)
-    try:
-        try:
-            wait_for_port("127.0.0.1", port, timeout=30, alive=lambda: proc.poll() is None)
-        except TimeoutError:
-            pytest.fail(f"mailforward serve did not start:\n{log.read_text(errors='replace')}")
-        yield TrustWorld(port, controller.handler, dns, judge, keys, log, spool, proc)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        judge.close()
-        dns.stop()
-        controller.stop()
+    return config
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from typing import Any
 from .addresses import normalize_domain, parse_address
 from .errors import AddressError, AdminError
 from .tables import AdminDatabase
+from .tables.bans import BanAdmin, ban_ddl
 from .tables.base import split_destinations
 
 MAX_GOTO = 255
@@ -109,7 +110,14 @@ class Admin:
             warnings.simplefilter("ignore")
             for statement in self._db.ddl:
                 await self._db.execute(statement)
+            for statement in ban_ddl(self._db):  # our additions: new tables only (a migration)
+                await self._db.execute(statement)
         await self._db.commit()
+
+    @property
+    def bans(self) -> BanAdmin:
+        """Bans (``tables/bans.py``), over the same connection."""
+        return BanAdmin(self._db)
 
     # ------------------------------------------------------------ domains
 

@@ -164,13 +164,17 @@ def config_show(ctx: click.Context, show_all: bool) -> None:
 @main.command()
 @click.pass_context
 def serve(ctx: click.Context) -> None:
-    """Run the SMTP server on [server] listen until SIGTERM/SIGINT."""
-    from .smtpd.server import run
+    """Run the SMTP server on [server] listen until SIGTERM/SIGINT; SIGHUP reloads.
+
+    With [server] workers above 1, a supervisor process binds the listeners
+    and runs that many worker processes.
+    """
+    from .smtpd.supervisor import serve as run_server
 
     settings = settings_from(ctx)
     setup_logging()
     try:
-        asyncio.run(run(settings))
+        run_server(settings, ctx.ensure_object(dict).get("config_path"))
     except (SrsConfigError, ConfigError) as e:
         raise UsageFailure(str(e)) from None
     except MailforwardError as e:
@@ -307,6 +311,99 @@ def alias_disable(ctx: click.Context, address: str) -> None:
 def alias_remove(ctx: click.Context, address: str) -> None:
     """Delete an alias."""
     click.echo(f"removed alias {run_admin(ctx, lambda a: a.remove_alias(address))}")
+
+
+# ---------------------------------------------------------------- bans
+
+
+@main.group()
+def ban() -> None:
+    """Bans: client IPs/networks, senders and aliases refused with 554 5.7.1.
+
+    \b
+    KIND is client, sender or alias:
+      client  192.0.2.7, 198.51.100.0/24, 2001:db8::/32
+      sender  spam@example.net, example.net (the domain), .example.net (its subdomains)
+      alias   info@example.org (also info+ext@...), example.org, .example.org
+    Running servers apply a change within [limits] ban_cache_ttl seconds.
+    """
+
+
+def _expiry(text: str | None, now: float) -> int | None:
+    """``--expires``: a duration (90s, 30m, 12h, 7d, 2w) from now, or a UTC date/time."""
+    if text is None or text.lower() == "never":
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    number, unit = text[:-1], text[-1:].lower()
+    if unit in units and number.isascii() and number.isdigit():
+        return int(now) + int(number) * units[unit]
+    from datetime import UTC, datetime
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageFailure(f"--expires {text!r}: write a duration (90s, 30m, 12h, 7d, 2w) or a "
+                           "date/time (2030-01-31 or 2030-01-31T12:00:00Z; UTC unless given)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp())
+
+
+def _utc(timestamp: int | None) -> str:
+    if timestamp is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
+
+
+def _iso(timestamp: int | None) -> str | None:
+    return None if timestamp is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+@ban.command("add")
+@click.argument("kind", type=click.Choice(["client", "sender", "alias"]))
+@click.argument("value")
+@click.option("--reason", default="", help="A note for the admins (never sent to the client).")
+@click.option("--expires", "expires_text", metavar="WHEN",
+              help="Lift the ban after a duration (30m, 12h, 7d, 2w) or at a UTC date/time; "
+                   "default never.")
+@click.pass_context
+def ban_add(ctx: click.Context, kind: str, value: str, reason: str,
+            expires_text: str | None) -> None:
+    """Ban VALUE (or change the reason and expiry of its ban)."""
+    now = time.time()
+    expires = _expiry(expires_text, now)
+    added, existed = run_admin(ctx, lambda a: a.bans.add(kind, value, reason, expires, now))
+    click.echo(f"{'updated' if existed else 'added'} {kind} ban {added.value} "
+               f"(expires {_utc(added.expires)})")
+
+
+@ban.command("list")
+@click.argument("kind", type=click.Choice(["client", "sender", "alias"]), required=False)
+@click.option("--all", "include_expired", is_flag=True, help="Expired bans too.")
+@json_option
+@click.pass_context
+def ban_list(ctx: click.Context, kind: str | None, include_expired: bool, as_json: bool) -> None:
+    """List the bans in force (of one KIND)."""
+    now = time.time()
+    bans = run_admin(ctx, lambda a: a.bans.list(kind, include_expired=include_expired, now=now),
+                     read_only=True)
+    if as_json:
+        print_json([{"kind": b.kind, "value": b.value, "reason": b.reason,
+                     "created": _iso(b.created), "expires": _iso(b.expires),
+                     "in_force": b.in_force(now)} for b in bans])
+        return
+    print_table(["KIND", "VALUE", "EXPIRES", "REASON"],
+                [[b.kind, b.value, _utc(b.expires) + ("" if b.in_force(now) else " (expired)"),
+                  _shown(b.reason)] for b in bans])
+
+
+@ban.command("remove")
+@click.argument("kind", type=click.Choice(["client", "sender", "alias"]))
+@click.argument("value")
+@click.pass_context
+def ban_remove(ctx: click.Context, kind: str, value: str) -> None:
+    """Lift the ban on VALUE."""
+    removed = run_admin(ctx, lambda a: a.bans.remove(kind, value))
+    click.echo(f"removed {kind} ban {removed.value}")
 
 
 # ---------------------------------------------------------------- queue

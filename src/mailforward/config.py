@@ -143,6 +143,15 @@ class DeliverySettings:
     retry_first: float = 300.0
     retry_max_backoff: float = 3600.0
     max_lifetime: float = 5 * 86400.0
+    # Connection cache (Postfix's scache): idle sessions kept open per next hop.
+    connection_cache_size: int = 100  # in total; 0 turns reuse off
+    connection_cache_hop_limit: int = 50  # per next hop (address, port)
+    connection_idle_time: float = 2.0  # smtp_connection_cache_time_limit
+    connection_reuse_time: float = 300.0  # smtp_connection_reuse_time_limit
+    # Retries (Postfix's qmgr): per-destination queues, bounded, each attempt with a deadline.
+    destination_concurrency_limit: int = 20  # default_destination_concurrency_limit
+    total_concurrency_limit: int = 100  # default_process_limit
+    attempt_timeout: float = 300.0  # one retry attempt of one destination, before the final dot
 
     def __post_init__(self) -> None:
         # The parsers delivery uses, so what is accepted here is what works there.
@@ -158,7 +167,12 @@ class DeliverySettings:
         if not 0 < self.port < 65536:
             raise ConfigError("[delivery] port: not a port number")
         _positive(self, "delivery", "dns_timeout", "connect_timeout", "command_timeout",
-                  "passthrough_timeout", "retry_first", "retry_max_backoff", "max_lifetime")
+                  "passthrough_timeout", "retry_first", "retry_max_backoff", "max_lifetime",
+                  "connection_reuse_time", "destination_concurrency_limit",
+                  "total_concurrency_limit", "attempt_timeout")
+        for name in ("connection_cache_size", "connection_cache_hop_limit", "connection_idle_time"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"[delivery] {name}: must not be negative")
         if self.passthrough_timeout >= 600:
             raise ConfigError("[delivery] passthrough_timeout: must stay below the sender's "
                               "10-minute DATA timeout (RFC 5321 4.5.3.2.6)")
@@ -305,6 +319,62 @@ class MetricsSettings:
             parse_host_port(self.listen, "[metrics] listen")
 
 
+REDIS_FAILURE_MODES = ("fail_open", "fail_closed")
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    """Abuse limits, bans and duplicate suppression (``smtpd/abuse.py``), over a store
+    (``state/``): in this process by default, in Redis when ``redis_url`` or
+    ``redis_sentinels`` is set, shared by every node that names the same Redis.
+
+    A rate of 0 means no limit (the default, like Postfix's anvil rate limits).
+    """
+
+    client_message_rate_limit: int = 0  # smtpd_client_message_rate_limit: MAIL per client IP
+    client_recipient_rate_limit: int = 0  # smtpd_client_recipient_rate_limit: RCPT per client IP
+    sender_message_rate_limit: int = 0  # MAIL per envelope sender
+    alias_message_rate_limit: int = 0  # messages (RCPTs) per alias
+    time_unit: float = 60.0  # anvil_rate_time_unit: the sliding window, seconds
+    duplicate_window: float = 86400.0  # seconds a delivery is remembered; 0 turns it off
+    ban_cache_ttl: float = 60.0  # seconds before a ban added or removed is seen
+    redis_url: str = ""  # "" keeps the counters in this process
+    redis_sentinels: tuple[str, ...] = ()  # host:port of Sentinels; then redis_sentinel_master
+    redis_sentinel_master: str = ""
+    redis_prefix: str = "mailforward:"
+    redis_timeout: float = 0.5  # seconds for each Redis call, connecting included
+    redis_failure: str = "fail_open"  # or "fail_closed": 451 4.3.0 while Redis is down
+
+    def __post_init__(self) -> None:
+        for name in ("client_message_rate_limit", "client_recipient_rate_limit",
+                     "sender_message_rate_limit", "alias_message_rate_limit",
+                     "duplicate_window"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"[limits] {name}: must not be negative (0 = no limit)")
+        _positive(self, "limits", "time_unit", "ban_cache_ttl", "redis_timeout")
+        if self.redis_failure not in REDIS_FAILURE_MODES:
+            raise ConfigError('[limits] redis_failure: "fail_open" or "fail_closed"')
+        if self.redis_url:
+            scheme = self.redis_url.partition("://")[0].lower()
+            if scheme not in ("redis", "rediss", "unix"):
+                raise ConfigError("[limits] redis_url: write redis://host:port/db, "
+                                  "rediss://... or unix:///path/to/socket")
+        for item in self.redis_sentinels:
+            parse_host_port(item, "[limits] redis_sentinels", default_port=26379)
+        if bool(self.redis_sentinels) != bool(self.redis_sentinel_master):
+            raise ConfigError("[limits] redis_sentinels and redis_sentinel_master: set both "
+                              "or neither")
+
+    @property
+    def shared(self) -> bool:
+        """Kept in Redis (shared by every process and node), not in this process."""
+        return bool(self.redis_url or self.redis_sentinels)
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        return [parse_host_port(item, "[limits] redis_sentinels", default_port=26379)
+                for item in self.redis_sentinels]
+
+
 @dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -316,6 +386,7 @@ class Settings:
     arc: ArcSettings = field(default_factory=ArcSettings)
     log: LogSettings = field(default_factory=LogSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
 
     def __post_init__(self) -> None:
         if self.arc.domain and not self.auth.verify:

@@ -43,8 +43,11 @@ def effective_settings(settings: Settings, show_all: bool = False) -> dict[str, 
     return shown
 
 
+SECRET_URLS = {("database", "url"), ("limits", "redis_url")}
+
+
 def _shown(section: str, key: str, value: Any) -> Any:
-    if section == "database" and key == "url":
+    if (section, key) in SECRET_URLS:
         return redact_url(value)
     return list(value) if isinstance(value, tuple) else value
 

@@ -19,6 +19,11 @@ from ..smtpd.replies import OK, Reply, queued
 log = logging.getLogger(__name__)
 
 
+def domain_of(address: str) -> str:
+    """The domain of a mailbox, lower-case: what mail is routed and queued by."""
+    return address.rpartition("@")[2].lower()
+
+
 def new_queue_id() -> str:
     """Ten upper-case hex digits, like Postfix's short queue ids: safe as a file name."""
     return secrets.token_hex(5).upper()

@@ -1,20 +1,36 @@
-"""Outbound SMTP: one transaction per destination domain, via aiosmtplib.
+"""Outbound SMTP transactions, via aiosmtplib: one per next hop, on a cached session if any.
 
 Results are per recipient (a ``Reply`` each: 250 accepted, 4xx deferred,
 5xx failed), like aiosmtplib's own per-recipient errors.  A next hop that
-cannot be reached, or that answers 4xx before any recipient was offered, is
-skipped for the next one, as Postfix's smtp(8) does.
+cannot be reached, or that answers 4xx before any recipient was offered,
+raises :class:`TryNextHop`: the caller (:mod:`.transactions`) goes on to the
+next one, as Postfix's smtp(8) does.
 
-Nothing that goes wrong while offering a message to one domain escapes from
-here as an exception: an address that cannot be written is a permanent
-failure before any connection, UTF-8 that the next hop cannot carry is a
-permanent ``553 5.6.7``, 8-bit content that it cannot carry a permanent
-``554 5.6.3``, and anything unexpected is a temporary ``451 4.3.0``
-(:func:`.base.internal_failure`).  Replies passed back from downstream name
+Sessions come from a :class:`.connections.ConnectionCache`: after a
+transaction that ended cleanly the session is kept (no QUIT), and the next
+transaction to the same next hop sends RSET instead of connecting, EHLO and
+STARTTLS again.  A cached session that turns out to be dead before anything
+was sent is replaced by a new connection, transparently.  STARTTLS is
+opportunistic (any certificate: the point is privacy, not identity) and
+every session uses the one client :class:`ssl.SSLContext` built with the
+:class:`ClientSettings`, never one per connection.
+
+The final dot is written by :func:`send_data`, which sets
+:attr:`Commit.past_dot` the moment it is: from then on the next hop may have
+the message, so the caller never cancels that transaction (it awaits the
+answer, bounded by the command timeout) -- cancelling it would make a retry
+send the message a second time.
+
+Nothing that goes wrong while offering a message escapes from here as an
+exception other than :class:`TryNextHop`: an address that cannot be written
+is a permanent failure before any connection, UTF-8 that the next hop
+cannot carry is a permanent ``553 5.6.7``, 8-bit content that it cannot
+carry a permanent ``554 5.6.3``.  Replies passed back from downstream name
 the alias the sender used, never the private forwarding target.
 
 What the sender declared travels on when the next hop offers the extension,
-and is dropped otherwise (RFC 3461 4.1): ``BODY`` (RFC 6152; ``8BITMIME`` is
+and is dropped otherwise (RFC 3461 4.1), per transaction (a reused session
+keeps the extensions its EHLO offered): ``BODY`` (RFC 6152; ``8BITMIME`` is
 also declared for undeclared 8-bit content), and the DSN parameters ``RET``
 and ``ENVID`` on MAIL, ``NOTIFY`` and ``ORCPT`` on each RCPT.  8-bit content
 is never sent to a hop without 8BITMIME: those recipients fail (no 7-bit
@@ -26,16 +42,20 @@ conversion; see :data:`EIGHT_BIT_UNSUPPORTED`).  A recipient that asked for
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
+import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiosmtplib
 import aiosmtplib.email
 
 from ..addresses import is_sendable
 from ..smtpd.replies import Reply
-from .base import MAX_ENVID, Message, conceal_destinations, internal_failure, is_xtext, orcpt_parts
+from .base import MAX_ENVID, Message, conceal_destinations, is_xtext, orcpt_parts
+from .connections import ConnectionCache, HopKey, Session
 from .routing import NextHop
 
 log = logging.getLogger(__name__)
@@ -53,17 +73,44 @@ EIGHT_BIT_UNSUPPORTED = Reply(554, "5.6.3",
 RELAYED_WITHOUT_DSN = Reply(250, "2.0.0", "Ok: relayed to a next hop that does not offer DSN")
 
 
+def client_tls_context() -> ssl.SSLContext:
+    """The client side of opportunistic STARTTLS: nothing is verified, so no CA is loaded.
+
+    Built once (loading the system's CA bundle took ~24 ms per connection)
+    and shared by every outbound session.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 @dataclass(frozen=True)
 class ClientSettings:
     helo: str
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
+    tls_context: ssl.SSLContext = field(default_factory=client_tls_context, compare=False,
+                                        repr=False)
 
 
-class _TryNextHop(Exception):
+@dataclass
+class Commit:
+    """Where one transaction is: ``past_dot`` once the final dot has been written."""
+
+    past_dot: bool = False
+
+
+class TryNextHop(Exception):
+    """This hop could not take the message (unreachable, 4xx before any recipient)."""
+
     def __init__(self, reply: Reply) -> None:
         super().__init__(str(reply))
         self.reply = reply
+
+
+class _StaleSession(Exception):
+    """A cached session died before anything of this transaction was accepted."""
 
 
 def downstream_reply(error: aiosmtplib.SMTPResponseException, destination: str,
@@ -88,20 +135,6 @@ def unreachable(hop: NextHop, why: str) -> Reply:
     return Reply(451, "4.4.1", f"connect to {hop.host}[{hop.address}]:{hop.port}: {why}")
 
 
-async def send_to_domain(hops: Sequence[NextHop], message: Message, recipients: Sequence[str],
-                         settings: ClientSettings) -> dict[str, Reply]:
-    """Offer ``message`` to ``recipients`` (one domain) through the first hop that answers.
-
-    Always a reply per recipient, never an exception: a raised exception
-    would leave the domain's outcome unknown, and unknown used to be
-    reported (and retried for days) as a timeout.
-    """
-    try:
-        return await _send_to_domain(hops, message, recipients, settings)
-    except Exception as error:  # noqa: BLE001  (internal_failure logs it)
-        return {rcpt: internal_failure(message.queue_id, error) for rcpt in recipients}
-
-
 def writable(address: str) -> bool:
     """Whether ``address`` can go into our MAIL FROM or RCPT TO exactly as it is.
 
@@ -117,64 +150,187 @@ def writable(address: str) -> bool:
         return False
 
 
-async def _send_to_domain(hops: Sequence[NextHop], message: Message, recipients: Sequence[str],
-                          settings: ClientSettings) -> dict[str, Reply]:
-    """Addresses that cannot be written fail here, before a connection: no hop could take them."""
+def refuse_unwritable(message: Message, recipients: Sequence[str]) -> dict[str, Reply]:
+    """Failures for addresses that cannot be written: no hop could take them, so no connection."""
     if not writable(message.sender):
         return {rcpt: UNWRITABLE_SENDER for rcpt in recipients}
-    results = {rcpt: UNWRITABLE_RECIPIENT.about(message.alias_of(rcpt))
-               for rcpt in recipients if not writable(rcpt)}
-    offered = [rcpt for rcpt in recipients if rcpt not in results]
-    if offered:
-        results.update(await _through_first_hop(hops, message, offered, settings))
-    return results
+    return {rcpt: UNWRITABLE_RECIPIENT.about(message.alias_of(rcpt))
+            for rcpt in recipients if not writable(rcpt)}
 
 
-async def _through_first_hop(hops: Sequence[NextHop], message: Message,
-                             recipients: Sequence[str], settings: ClientSettings) -> dict[str, Reply]:
-    """The first hop's answers; the last hop's failure if none could be reached."""
-    last = Reply(451, "4.4.3", "no next hop for this destination")
-    for hop in hops:
+class SmtpClient:
+    """Transactions to next hops, on sessions from ``cache`` (none kept when it is None)."""
+
+    def __init__(self, settings: ClientSettings, cache: ConnectionCache | None = None) -> None:
+        self.settings = settings
+        self.cache = cache if cache is not None else ConnectionCache(size=0)
+
+    async def close(self) -> None:
+        await self.cache.close()
+
+    async def transaction(self, hop: NextHop, message: Message, recipients: Sequence[str],
+                          commit: Commit) -> dict[str, Reply]:
+        """Offer ``message`` to ``recipients`` at ``hop``: a reply each, or TryNextHop."""
+        key = HopKey(hop.address, hop.port)
+        session = await self.cache.take(key)
+        if session is not None:
+            try:
+                return await self._use(session, hop, message, recipients, commit)
+            except _StaleSession:
+                log.debug("%s: cached session to %s:%d was closed: reconnecting",
+                          message.queue_id, hop.address, hop.port)
         try:
-            return await _transaction(hop, message, recipients, settings)
-        except _TryNextHop as e:
-            log.info("%s: %s", message.queue_id, e.reply)
-            last = e.reply
-    return {rcpt: last for rcpt in recipients}
+            session = await self._open(hop, key)
+        except aiosmtplib.SMTPResponseException as e:
+            return _refused(e, hop, message, recipients)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+            raise TryNextHop(unreachable(hop, type(e).__name__)) from e
+        try:
+            return await self._use(session, hop, message, recipients, commit)
+        except _StaleSession as e:  # only for reused sessions: this one is new
+            raise AssertionError("a new session cannot be stale") from e
 
+    async def _open(self, hop: NextHop, key: HopKey) -> Session:
+        """Connect, EHLO, opportunistic STARTTLS (with the shared context), EHLO again."""
+        s = self.settings
+        client = aiosmtplib.SMTP(hostname=hop.address, port=hop.port, local_hostname=s.helo,
+                                 timeout=s.command_timeout, start_tls=False, use_tls=False,
+                                 validate_certs=False, tls_context=s.tls_context)
+        try:
+            await client.connect(timeout=s.connect_timeout)
+            await client.ehlo()
+            if client.supports_extension("starttls"):
+                await client.starttls(server_hostname=hop.host, tls_context=s.tls_context)
+                await client.ehlo()
+        except BaseException:
+            client.close()
+            raise
+        self.cache.opened += 1
+        return Session(client, key, asyncio.get_running_loop().time())
 
-async def _transaction(hop: NextHop, message: Message, recipients: Sequence[str],
-                       settings: ClientSettings) -> dict[str, Reply]:
-    client = aiosmtplib.SMTP(hostname=hop.address, port=hop.port, local_hostname=settings.helo,
-                             timeout=settings.command_timeout, start_tls=False, use_tls=False)
-    try:
-        await client.connect(timeout=settings.connect_timeout)
-        await _hello(client, hop)
-        refusal = _refuse_before_mail(client, message)
-        if refusal is not None:
-            return {rcpt: refusal for rcpt in recipients}
-        results = _refuse_utf8_recipients(client, message, recipients)
-        offered = [rcpt for rcpt in recipients if rcpt not in results]
-        if offered:
-            results.update(await _envelope_and_data(client, hop, message, offered))
+    async def _use(self, session: Session, hop: NextHop, message: Message,
+                   recipients: Sequence[str], commit: Commit) -> dict[str, Reply]:
+        """One transaction on ``session``; the session is kept (cache) or closed after it."""
+        client = session.client
+        keep = False
+        try:
+            refusal = _refuse_before_mail(client, message)
+            if refusal is not None:
+                results = {rcpt: refusal for rcpt in recipients}
+            else:
+                results = _refuse_utf8_recipients(client, message, recipients)
+                offered = [rcpt for rcpt in recipients if rcpt not in results]
+                if offered:
+                    results.update(await self._envelope_and_data(client, hop, message, offered,
+                                                                 commit))
+            keep = True
+            return results
+        except aiosmtplib.SMTPResponseException as e:
+            if session.reused and e.code == 421:
+                raise _StaleSession() from e
+            keep = e.code != 421
+            return _refused(e, hop, message, recipients)
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as e:
+            if session.reused:
+                raise _StaleSession() from e
+            raise TryNextHop(unreachable(hop, type(e).__name__)) from e
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+            raise TryNextHop(unreachable(hop, type(e).__name__)) from e
+        finally:
+            if keep:
+                session.transactions += 1
+                self.cache.put(session)
+            else:
+                session.client.close()
+
+    async def _envelope_and_data(self, client: aiosmtplib.SMTP, hop: NextHop, message: Message,
+                                 recipients: Sequence[str], commit: Commit) -> dict[str, Reply]:
+        utf8 = needs_smtputf8(message) or not all(rcpt.isascii() for rcpt in recipients)
+        encoding = "utf-8" if utf8 else "ascii"
+        await client.mail(message.sender, options=mail_options(client, message, utf8),
+                          encoding=encoding)
+        results: dict[str, Reply] = {}
+        for rcpt in recipients:
+            try:
+                await client.rcpt(rcpt, options=rcpt_options(client, message, rcpt),
+                                  encoding=encoding)
+                results[rcpt] = ACCEPTED
+            except aiosmtplib.SMTPRecipientRefused as e:
+                results[rcpt] = downstream_reply(e, rcpt, message)
+        accepted = [rcpt for rcpt, reply in results.items() if reply is ACCEPTED]
+        if not accepted:
+            return results
+        try:
+            await send_data(client, message.content, commit, self.settings.command_timeout)
+        except aiosmtplib.SMTPResponseException as e:
+            results.update({rcpt: downstream_reply(e, rcpt, message) for rcpt in accepted})
+            return results
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+            # The outcome is unknown: deferring may deliver twice, but never loses mail.
+            client.close()
+            results.update({rcpt: unreachable(hop, f"lost during DATA ({type(e).__name__})")
+                            for rcpt in accepted})
+            return results
+        if not client.supports_extension("dsn"):
+            results.update({rcpt: RELAYED_WITHOUT_DSN for rcpt in accepted
+                            if message.dsn_of(rcpt).notifies("SUCCESS")})
         return results
-    except aiosmtplib.SMTPResponseException as e:
-        if e.code >= 500:  # refused the sender or the session: permanent for everyone
-            return {rcpt: downstream_reply(e, rcpt, message) for rcpt in recipients}
-        said = conceal_destinations(e.message, message.aliases)
-        raise _TryNextHop(Reply(e.code, "4.4.2", f"{hop.host}[{hop.address}] said: {said}")) from e
-    except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
-        raise _TryNextHop(unreachable(hop, type(e).__name__)) from e
-    finally:
+
+
+def _refused(error: aiosmtplib.SMTPResponseException, hop: NextHop, message: Message,
+             recipients: Sequence[str]) -> dict[str, Reply]:
+    """A 5xx to the session or the sender fails everyone; a 4xx raises TryNextHop."""
+    if error.code >= 500:
+        return {rcpt: downstream_reply(error, rcpt, message) for rcpt in recipients}
+    said = conceal_destinations(error.message, message.aliases)
+    raise TryNextHop(Reply(error.code, "4.4.2", f"{hop.host}[{hop.address}] said: {said}")) from error
+
+
+_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
+
+
+def data_payload(content: bytes | bytearray) -> bytes:
+    """The DATA stream for ``content``: CRLF lines, leading dots doubled, the final dot.
+
+    Content from our own engine already has CRLF line ends: then this is a
+    couple of C-speed passes, not a regular expression over every line.
+    """
+    data = bytes(content)
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+        data = _LINE_ENDINGS.sub(b"\r\n", data)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    data = data.replace(b"\r\n.", b"\r\n..")
+    if data.startswith(b"."):
+        data = b"." + data
+    return data + b".\r\n"
+
+
+async def send_data(client: aiosmtplib.SMTP, content: bytes | bytearray, commit: Commit,
+                    timeout: float) -> None:
+    """DATA, the content and the final dot; ``commit.past_dot`` is set once the dot is written.
+
+    Raises SMTPDataError for any answer but 354 / 250, and aiosmtplib's
+    disconnect and timeout errors (the session is then closed).
+    """
+    response = await client.execute_command(b"DATA")
+    if response.code != 354:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    protocol = client.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    protocol.write(data_payload(content))
+    commit.past_dot = True
+    try:
+        response = await protocol.read_response(timeout=timeout)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         client.close()
-
-
-async def _hello(client: aiosmtplib.SMTP, hop: NextHop) -> None:
-    """EHLO, then opportunistic STARTTLS (any certificate: the point is privacy, not identity)."""
-    await client.ehlo()
-    if client.supports_extension("starttls"):
-        await client.starttls(validate_certs=False, server_hostname=hop.host)
-        await client.ehlo()
+        raise
+    if response.code != 250:
+        if response.code == 421:
+            client.close()
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
 
 
 def needs_smtputf8(message: Message) -> bool:
@@ -208,43 +364,6 @@ def _refuse_utf8_recipients(client: aiosmtplib.SMTP, message: Message,
         return {}
     return {rcpt: SMTPUTF8_UNSUPPORTED.about(message.alias_of(rcpt))
             for rcpt in recipients if not rcpt.isascii()}
-
-
-async def _envelope_and_data(client: aiosmtplib.SMTP, hop: NextHop, message: Message,
-                             recipients: Sequence[str]) -> dict[str, Reply]:
-    utf8 = needs_smtputf8(message) or not all(rcpt.isascii() for rcpt in recipients)
-    encoding = "utf-8" if utf8 else "ascii"
-    await client.mail(message.sender, options=mail_options(client, message, utf8),
-                      encoding=encoding)
-    results: dict[str, Reply] = {}
-    for rcpt in recipients:
-        try:
-            await client.rcpt(rcpt, options=rcpt_options(client, message, rcpt),
-                              encoding=encoding)
-            results[rcpt] = ACCEPTED
-        except aiosmtplib.SMTPRecipientRefused as e:
-            results[rcpt] = downstream_reply(e, rcpt, message)
-    accepted = [rcpt for rcpt, reply in results.items() if reply is ACCEPTED]
-    if not accepted:
-        return results
-    try:
-        await client.data(bytes(message.content))
-    except aiosmtplib.SMTPResponseException as e:
-        results.update({rcpt: downstream_reply(e, rcpt, message) for rcpt in accepted})
-        return results
-    except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
-        # The outcome is unknown: deferring may deliver twice, but never loses mail.
-        results.update({rcpt: unreachable(hop, f"lost during DATA ({type(e).__name__})")
-                        for rcpt in accepted})
-        return results
-    if not client.supports_extension("dsn"):
-        results.update({rcpt: RELAYED_WITHOUT_DSN for rcpt in accepted
-                        if message.dsn_of(rcpt).notifies("SUCCESS")})
-    try:
-        await client.quit()
-    except (aiosmtplib.SMTPException, OSError, TimeoutError):
-        pass
-    return results
 
 
 def mail_options(client: aiosmtplib.SMTP, message: Message, utf8: bool) -> list[str]:

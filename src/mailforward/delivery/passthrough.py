@@ -9,6 +9,16 @@ The contract, for one inbound transaction:
   permanently failed destinations get a DSN (never for the null sender), then 250;
 * destinations slower than ``passthrough_timeout`` count as deferred: spool, then 250.
 
+A transaction already past its final dot at ``passthrough_timeout`` is not
+cancelled (the next hop may have the message: cancelling and retrying would
+deliver it twice).  Its recipients are spooled like the other late ones,
+with ``busy_until`` (no retry before its answer can have come, in any
+process) and marked in flight for this process's scheduler; the transaction
+runs on, and its answer is recorded when it comes: delivered recipients
+marked delivered, refused ones bounced and marked failed, the message then
+due as scheduled for whatever is left (:meth:`PassThroughDelivery.close`
+gives such answers time to arrive on shutdown).
+
 Our own DSNs follow the sender's RFC 3461 wishes (:func:`.dsn.wants_dsn`):
 none for a destination whose RCPT said ``NOTIFY=NEVER`` or a NOTIFY without
 FAILURE, and a "relayed" success report for one that asked
@@ -26,102 +36,163 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from ..smtpd import replies
 from ..smtpd.replies import Reply
-from .base import Message, internal_failure, new_queue_id
-from .client import RELAYED_WITHOUT_DSN, ClientSettings, send_to_domain
+from .base import Message, new_queue_id
+from .client import RELAYED_WITHOUT_DSN, ClientSettings, SmtpClient
+from .connections import ConnectionCache
 from .dsn import Original, build_dsn, failures_from_reasons, should_bounce, wants_dsn
 from .retry import AttemptResult, RetryPolicy
-from .routing import MxRouter, NextHop, RoutingError
-from .spool import Spool, SpooledMessage, SpoolError
+from .routing import Router
+from .spool import Spool, SpooledMessage, SpoolError, SpoolNotFound, record_delivery
+from .transactions import TIMED_OUT, Late, Offer, OnDelivered, group_by_domain
+
+__all__ = ["TIMED_OUT", "PassThroughDelivery", "Router", "group_by_domain"]
 
 log = logging.getLogger(__name__)
 
-# Still in flight when the sender's answer was due: never refused back to the
-# sender (it may yet be delivered), always spooled.
-TIMED_OUT = Reply(451, "4.4.7", "destination did not answer in time")
 SPOOL_FAILED = Reply(451, "4.3.0", "Error: queue file write error")
-
-# Called with the recipients one domain accepted, as soon as it accepted them.
-OnDelivered = Callable[[list[str]], Awaitable[object]]
-
-
-def group_by_domain(recipients: Sequence[str]) -> dict[str, list[str]]:
-    groups: dict[str, list[str]] = defaultdict(list)
-    for rcpt in recipients:
-        groups[rcpt.rpartition("@")[2].lower()].append(rcpt)
-    return dict(groups)
-
-
-class Router:
-    """Next hops for a domain: through ``relay_host`` when set, else by MX."""
-
-    def __init__(self, resolver: MxRouter, relay_host: str = "") -> None:
-        self.resolver = resolver
-        self.relay_host = relay_host
-
-    async def next_hops(self, domain: str) -> list[NextHop]:
-        if self.relay_host:
-            return await self.resolver.relay_hops(self.relay_host)
-        return await self.resolver.next_hops(domain)
+# How long after the command timeout a late transaction's answer may still be recorded.
+LATE_MARGIN = 60.0
 
 
 class PassThroughDelivery:
+    """Pass-through delivery, its spool's hooks for the retry scheduler, and the sessions it keeps.
+
+    ``connections``: the outbound session cache (none by default: every
+    transaction on a new connection, closed after it; :func:`..build_delivery`
+    gives it one).  ``attempt_timeout``: the deadline of a retry attempt
+    (None: none), which never cuts a transaction past its final dot.
+    """
+
     def __init__(self, router: Router, spool: Spool, client: ClientSettings, retry: RetryPolicy,
                  hostname: str, passthrough_timeout: float,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *,
+                 connections: ConnectionCache | None = None,
+                 attempt_timeout: float | None = None) -> None:
         self.router = router
         self.spool = spool
         self.client = client
+        self.smtp = SmtpClient(client, connections)
         self.retry_policy = retry
         self.hostname = hostname
         self.passthrough_timeout = passthrough_timeout
+        self.attempt_timeout = attempt_timeout
         self.clock = clock
+        self._late: set[asyncio.Task[None]] = set()
 
     async def deliver(self, message: Message) -> Reply:
-        outcomes = await self.attempt(message, message.recipients, self.passthrough_timeout)
-        return await self.acknowledge(message, outcomes)
+        late: list[Late] = []
+        outcomes = await self.attempt(message, message.recipients, self.passthrough_timeout,
+                                      late=late.append)
+        if not late:
+            return await self.acknowledge(message, outcomes)
+        self.spool.mark_in_flight(message.queue_id)
+        try:
+            busy_until = self.clock() + self.client.command_timeout + LATE_MARGIN
+            reply, spooled = await self._acknowledge(message, outcomes, busy_until)
+        except BaseException:
+            for work in late:
+                work.cancel()
+            self.spool.clear_in_flight(message.queue_id)
+            raise
+        task = asyncio.create_task(self._record_late(message, late, spooled))
+        self._late.add(task)
+        task.add_done_callback(self._late.discard)
+        return reply
+
+    async def close(self, timeout: float | None = None) -> None:
+        """On shutdown: late answers get ``timeout`` seconds (default: the command timeout),
+        then the cached sessions are closed.
+
+        A late transaction still unanswered then is cancelled: its message
+        stays spooled for its recipients, and is retried after ``busy_until``.
+        """
+        if self._late:
+            wait = self.client.command_timeout if timeout is None else timeout
+            if wait > 0:
+                await asyncio.wait(set(self._late), timeout=wait)
+            for task in self._late:
+                task.cancel()
+            await asyncio.gather(*self._late, return_exceptions=True)
+        await self.smtp.close()
 
     # ------------------------------------------------------------ attempts
 
     async def attempt(self, message: Message, recipients: Sequence[str], timeout: float | None,
-                      on_delivered: OnDelivered | None = None) -> dict[str, Reply]:
-        """Offer the message to every destination domain at once; a Reply per recipient.
+                      on_delivered: OnDelivered | None = None,
+                      late: Callable[[Late], object] | None = None) -> dict[str, Reply]:
+        """Offer the message to ``recipients``, a transaction per next hop; a Reply per recipient.
 
         :data:`TIMED_OUT` means exactly that the deadline expired first; a
-        domain whose attempt raised gets the exception's own (temporary)
-        failure, so the spool and the operator see the true reason.
+        transaction that raised gets the exception's own (temporary)
+        failure, so the spool and the operator see the true reason.  See
+        :mod:`.transactions` for grouping, fallback, the deadline and ``late``.
         """
-        groups = group_by_domain(recipients)
-        tasks = {domain: asyncio.create_task(self._attempt_domain(domain, message, rcpts,
-                                                                  on_delivered))
-                 for domain, rcpts in groups.items()}
-        done, pending = await asyncio.wait(tasks.values(), timeout=timeout)
-        for task in pending:
-            task.cancel()
-        outcomes: dict[str, Reply] = {}
-        for domain, task in tasks.items():
-            outcomes.update(_domain_outcome(message, groups[domain], task, task in done))
-        return outcomes
+        return await Offer(self.router, self.smtp, message, on_delivered).run(
+            recipients, timeout, late)
 
-    async def _attempt_domain(self, domain: str, message: Message, recipients: list[str],
-                              on_delivered: OnDelivered | None) -> dict[str, Reply]:
+    async def _record_late(self, message: Message, late: list[Late], spooled: bool) -> None:
+        """Record the answers of transactions that were past their final dot at the deadline."""
+        queue_id = message.queue_id
         try:
-            hops = await self.router.next_hops(domain)
-        except RoutingError as e:
-            return {rcpt: e.reply for rcpt in recipients}
-        outcomes = await send_to_domain(hops, message, recipients, self.client)
-        accepted = [rcpt for rcpt, reply in outcomes.items() if reply.is_success]
-        if accepted and on_delivered is not None:
-            await _record_delivered(message, accepted, on_delivered)
-        return outcomes
+            outcomes: dict[str, Reply] = {}
+            for work in late:
+                outcomes.update(await work.outcomes())
+            delivered = [r for r, reply in outcomes.items() if reply.is_success]
+            if not spooled:
+                if delivered:
+                    log.warning("%s: delivered to %s after the sender was told to retry: it may "
+                                "arrive twice", queue_id, ",".join(delivered))
+                return
+            await self._record_outcomes(message, outcomes)
+        except asyncio.CancelledError:
+            for work in late:
+                work.cancel()
+            log.warning("%s: stopped waiting for the answer to the final dot; spooled, retried "
+                        "later", queue_id)
+            raise
+        except Exception:
+            log.exception("%s: cannot record the late answer", queue_id)
+        finally:
+            self.spool.clear_in_flight(queue_id)
+
+    async def _record_outcomes(self, message: Message, outcomes: Mapping[str, Reply]) -> None:
+        queue_id = message.queue_id
+        delivered = [r for r, reply in outcomes.items() if reply.is_success]
+        failed = {r: reply for r, reply in outcomes.items() if reply.is_permanent}
+        deferred = {r: str(reply) for r, reply in outcomes.items() if reply.is_temporary}
+        for rcpt in delivered:
+            log.info("%s: to=<%s>, status=sent (answered after the pass-through deadline)",
+                     queue_id, rcpt)
+        if delivered:
+            await asyncio.to_thread(record_delivery, self.spool, queue_id, delivered)
+        if failed:
+            try:
+                await asyncio.to_thread(self.send_dsn, message, failed)
+                await asyncio.to_thread(self.spool.mark_failed, queue_id,
+                                        {r: str(reply) for r, reply in failed.items()})
+            except SpoolError as e:  # still pending: the retry meets the refusal again
+                self.spool.report_error(queue_id, e, "cannot record the refusal")
+        await self._report_relayed(message, outcomes)
+        try:
+            await asyncio.to_thread(self.spool.settle, queue_id, deferred)
+        except SpoolNotFound:
+            log.info("%s: no longer in the spool (deleted meanwhile)", queue_id)
+        except SpoolError as e:
+            self.spool.report_error(queue_id, e, "cannot record the late answer")
 
     # ------------------------------------------------------------ the contract
 
     async def acknowledge(self, message: Message, outcomes: Mapping[str, Reply]) -> Reply:
+        reply, _ = await self._acknowledge(message, outcomes)
+        return reply
+
+    async def _acknowledge(self, message: Message, outcomes: Mapping[str, Reply],
+                           busy_until: float = 0.0) -> tuple[Reply, bool]:
+        """The reply to the sender, and whether the message was spooled."""
         deferred = [r for r, reply in outcomes.items() if reply.is_temporary]
         failed = {r: reply for r, reply in outcomes.items() if reply.is_permanent}
         delivered = [r for r, reply in outcomes.items() if reply.is_success]
@@ -129,25 +200,28 @@ class PassThroughDelivery:
                  len(deferred), len(failed))
         if not deferred and not failed:
             await self._report_relayed(message, outcomes)
-            return replies.queued(message.queue_id)
+            return replies.queued(message.queue_id), False
         if not delivered and not deferred:
-            return next(iter(failed.values()))
+            return next(iter(failed.values())), False
         timed_out = any(reply is TIMED_OUT for reply in outcomes.values())
         if not delivered and not failed and not timed_out:
             first = outcomes[deferred[0]]
-            return Reply(451, first.status or "4.4.1", first.text)
+            return Reply(451, first.status or "4.4.1", first.text), False
+        spooled = False
         try:  # fsync in a thread: the event loop keeps serving other clients
             if deferred:
                 now = self.clock()
-                await asyncio.to_thread(self.spool.put, message, deferred, now,
-                                        self.retry_policy.next_attempt(now, 0, now))
+                next_attempt = max(self.retry_policy.next_attempt(now, 0, now), busy_until)
+                await asyncio.to_thread(self.spool.put, message, deferred, now, next_attempt,
+                                        busy_until=busy_until)
+                spooled = True
             if failed:
                 await asyncio.to_thread(self.send_dsn, message, failed)
         except SpoolError as e:
             log.error("%s: cannot spool: %s", message.queue_id, e)
-            return SPOOL_FAILED
+            return SPOOL_FAILED, spooled
         await self._report_relayed(message, outcomes)
-        return replies.queued(message.queue_id)
+        return replies.queued(message.queue_id), spooled
 
     async def _report_relayed(self, original: Original, outcomes: Mapping[str, Reply]) -> None:
         """A "relayed" DSN for destinations whose NOTIFY=SUCCESS the next hop could not take.
@@ -175,10 +249,10 @@ class PassThroughDelivery:
         already delivered.
         """
         def record(accepted: list[str]) -> Awaitable[object]:
-            return asyncio.to_thread(self.spool.mark_delivered, spooled.queue_id, accepted)
+            return asyncio.to_thread(record_delivery, self.spool, spooled.queue_id, accepted)
 
-        outcomes = await self.attempt(spooled.message(), spooled.pending, timeout=None,
-                                      on_delivered=record)
+        outcomes = await self.attempt(spooled.message(), spooled.pending,
+                                      timeout=self.attempt_timeout, on_delivered=record)
         await self._report_relayed(spooled, outcomes)
         return AttemptResult(
             delivered={r for r, reply in outcomes.items() if reply.is_success},
@@ -216,29 +290,3 @@ class PassThroughDelivery:
                       content=content, smtputf8=not original.bounce_to.isascii(),
                       body="" if content.isascii() else "8BITMIME")
         self.spool.put(dsn, dsn.recipients, now, now)
-
-
-def _domain_outcome(message: Message, recipients: Sequence[str], task: asyncio.Task[dict[str, Reply]],
-                    finished: bool) -> dict[str, Reply]:
-    """One domain's replies: its result, its exception's failure, or TIMED_OUT if unfinished."""
-    if not finished or task.cancelled():
-        return {rcpt: TIMED_OUT for rcpt in recipients}
-    error = task.exception()
-    if error is not None:
-        return {rcpt: internal_failure(message.queue_id, error) for rcpt in recipients}
-    return task.result()
-
-
-async def _record_delivered(message: Message, accepted: list[str],
-                            on_delivered: OnDelivered) -> None:
-    """Tell ``on_delivered``; if that fails, the acceptance still counts.
-
-    The destination has the message whatever our bookkeeping did: reporting
-    it as deferred would send it again.  The scheduler records the returned
-    acceptance once more after the attempt.
-    """
-    try:
-        await on_delivered(accepted)
-    except Exception as error:  # noqa: BLE001  (logged, and the scheduler records it again)
-        log.error("%s: cannot record delivery to %s yet: %s", message.queue_id,
-                  ",".join(accepted), error)

@@ -240,3 +240,42 @@ class MxRouter:
         if not answer.records:
             return _Lookup(name, rdtype, _Outcome.NODATA)
         return _Lookup(name, rdtype, _Outcome.FOUND, answer.records)
+
+
+Route = list[NextHop] | Reply  # a domain's next hops, or why it has none
+
+
+class Router:
+    """Next hops for a domain: through ``relay_host`` when set, else by MX."""
+
+    def __init__(self, resolver: MxRouter, relay_host: str = "") -> None:
+        self.resolver = resolver
+        self.relay_host = relay_host
+
+    async def next_hops(self, domain: str) -> list[NextHop]:
+        if self.relay_host:
+            return await self.resolver.relay_hops(self.relay_host)
+        return await self.resolver.next_hops(domain)
+
+    async def routes(self, domains: Sequence[str]) -> dict[str, Route]:
+        """Next hops for every domain at once; a RoutingError becomes that domain's reply.
+
+        With ``relay_host`` every domain goes the same way: one lookup, and
+        the same list for all of them (so they share transactions).  Any
+        other exception propagates: it is a bug or a configuration error,
+        not an answer about a domain.
+        """
+        if self.relay_host and domains:
+            try:
+                hops: Route = await self.next_hops(domains[0])
+            except RoutingError as e:
+                hops = e.reply
+            return {domain: hops for domain in domains}
+        found = await asyncio.gather(*(self._route(domain) for domain in domains))
+        return dict(zip(domains, found, strict=True))
+
+    async def _route(self, domain: str) -> Route:
+        try:
+            return await self.next_hops(domain)
+        except RoutingError as e:
+            return e.reply

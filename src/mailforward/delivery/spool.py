@@ -25,6 +25,21 @@ Read-modify-write operations (:meth:`Spool.mark_delivered`, ...) and removal
 hold an exclusive ``flock`` on ``.lock`` in the directory, so a CLI command
 and the running server (or two threads) cannot undo each other's updates --
 a lost ``delivered`` mark would mean sending twice.
+
+**The index.**  A :class:`Spool` keeps every envelope in memory: the
+headers are read once (the first :meth:`Spool.list`), and its own writes
+update the index directly.  Later listings read only files that are new or
+changed (another process -- a worker, the ``queue`` CLI -- wrote them): each
+file's inode, size and mtime say whether it changed, and while the
+directory's mtime has not moved, nothing is even looked at.  Message
+content is read only for an attempt.
+
+**What the disk would not take.**  A delivery that cannot be recorded (disk
+full, read-only, I/O error) is remembered by the Spool object
+(:meth:`Spool.remember_delivered`): every envelope it hands out shows those
+recipients as delivered, so they are never sent again while the process
+lives, and the next successful write of that message stores it.  Likewise a
+retry time that cannot be written (:meth:`Spool.postpone`).
 """
 
 from __future__ import annotations
@@ -36,10 +51,11 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,6 +71,10 @@ LOCK_NAME = ".lock"
 CORRUPT_DIR = "corrupt"
 MAX_HEADER = 16 * 1024 * 1024  # an envelope line longer than this is corrupt
 STALE_TEMP_AGE = 3600.0  # a temp file this old is a leftover whatever its pid says
+# A directory whose mtime is this much older than our last scan of it shows every change since.
+DIRECTORY_TICK = 1.0
+
+Stamp = tuple[int, int, int]  # (inode, size, mtime_ns) of a spool file: any rewrite changes it
 
 
 class SpoolError(MailforwardError):
@@ -102,6 +122,8 @@ class SpoolEntry:
     dsn_ret: str = ""  # RFC 3461 RET
     dsn_envid: str = ""  # RFC 3461 ENVID, xtext
     dsn: Mapping[str, RecipientDsn] = field(default_factory=dict)  # destination -> NOTIFY, ORCPT
+    # An attempt past its final dot may still be answered until then: no retry before.
+    busy_until: float = 0.0
 
     @property
     def bounce_to(self) -> str:
@@ -131,6 +153,19 @@ class SpooledMessage(SpoolEntry):
 
 
 Entries = list[SpoolEntry]  # spelled out here: inside Spool, ``list`` is the method
+E = TypeVar("E", bound=SpoolEntry)
+_ENVELOPE_FIELDS = tuple(f.name for f in fields(SpoolEntry))
+
+
+def _envelope(entry: SpoolEntry) -> SpoolEntry:
+    """The envelope alone (no content kept in the index)."""
+    if type(entry) is SpoolEntry:
+        return entry
+    return SpoolEntry(**{name: getattr(entry, name) for name in _ENVELOPE_FIELDS})
+
+
+def _stamp(st: os.stat_result) -> Stamp:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class Spool:
@@ -145,18 +180,29 @@ class Spool:
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(self.directory))
         except OSError as e:
             raise SpoolError(f"spool directory {self.directory}: {e}") from e
+        self._memory = threading.Lock()  # guards the in-memory state below (spool I/O runs in threads)
+        self._index: dict[str, tuple[SpoolEntry, Stamp]] = {}
+        self._indexing = False  # from the first listing on: a process that only puts keeps none
+        self._scanned: tuple[int, bool] | None = None  # directory mtime at the last scan, trusted
+        self._unrecorded: dict[str, set[str]] = {}  # delivered, but the disk would not take it
+        self._postponed: dict[str, float] = {}  # next attempt the disk would not take
+        self._in_flight: set[str] = set()  # queue ids an attempt past its final dot still holds
+        self._reported: set[str] = set()  # queue ids whose disk error is in the log
         self._clean_temp_files()
 
     # --- public API
 
     def put(self, message: Message, pending: Sequence[str], now: float, next_attempt: float,
-            *, attempts: int = 1, errors: Mapping[str, str] | None = None) -> SpooledMessage:
+            *, attempts: int = 1, errors: Mapping[str, str] | None = None,
+            busy_until: float = 0.0) -> SpooledMessage:
         """Store ``message`` durably for its ``pending`` recipients.
 
         The others in ``message.recipients`` are recorded as delivered.
         ``attempts`` counts the pass-through attempt that failed; ``errors``
-        is why, per recipient.  A queue id already in the spool is refused
-        rather than overwritten: that would lose a message.
+        is why, per recipient.  ``busy_until``: an attempt past its final dot
+        may still be answered until then (no retry before; see
+        :meth:`settle`).  A queue id already in the spool is refused rather
+        than overwritten: that would lose a message.
         """
         validate_queue_id(message.queue_id)
         pending_set = set(pending)
@@ -173,26 +219,30 @@ class Spool:
             size=len(message.content), client_ip=message.client_ip,
             original_sender=message.original_sender, aliases=dict(message.aliases),
             smtputf8=message.smtputf8, body=message.body, dsn_ret=message.dsn_ret,
-            dsn_envid=message.dsn_envid, dsn=dict(message.dsn), content=bytes(message.content))
+            dsn_envid=message.dsn_envid, dsn=dict(message.dsn), content=bytes(message.content),
+            busy_until=busy_until)
         self._write(spooled, exclusive=True)
         return spooled
 
     def get(self, queue_id: str) -> SpooledMessage:
-        """The message with its content; :class:`SpoolNotFound` if there is none."""
-        entry = self._load(self._path(queue_id), with_content=True)
+        """The message with its content; :class:`SpoolNotFound` if there is none.
+
+        Read from the file (and the index refreshed from it), with what this
+        process remembers but could not write (:meth:`remember_delivered`).
+        """
+        entry = self._read(self._path(queue_id), with_content=True)
         assert isinstance(entry, SpooledMessage)
-        return entry
+        return self._overlaid(entry)
 
     def list(self) -> Entries:
-        """Every spooled envelope, soonest next attempt first; content is not read."""
-        entries: Entries = []
-        for path in self._message_paths():
-            try:
-                entries.append(self._load(path, with_content=False))
-            except SpoolNotFound:
-                continue  # removed meanwhile (delivered by another process)
-            except SpoolCorrupt:
-                continue  # already moved aside and logged
+        """Every spooled envelope, soonest next attempt first, from the index.
+
+        Only files that are new or changed since the last listing are read,
+        and never their content.
+        """
+        self._sync()
+        with self._memory:
+            entries = [self._overlaid(entry) for entry, _ in self._index.values()]
         entries.sort(key=lambda e: (e.next_attempt, e.created, e.queue_id))
         return entries
 
@@ -205,13 +255,72 @@ class Spool:
 
         After a restart a delivered recipient is never pending again, so the
         message is never sent twice to a destination that accepted it.
-        Recipients that are not pending are ignored (idempotent).
+        Recipients that are not pending are ignored (idempotent).  Delivery
+        code calls it through :func:`record_delivery`, which remembers what
+        the disk would not take.
         """
         done = set(recipients)
         return self._update(queue_id, lambda m: replace(
             m, pending=tuple(r for r in m.pending if r not in done),
             delivered=m.delivered + tuple(r for r in m.pending if r in done),
             errors={r: e for r, e in m.errors.items() if r not in done}))
+
+    def remember_delivered(self, queue_id: str, recipients: Iterable[str]) -> bool:
+        """Delivered, but not on disk: never pending again while this process lives.
+
+        Every envelope this Spool hands out shows ``recipients`` delivered;
+        the next successful write of the message stores it.  True the first
+        time this message has something to remember (log the disk error once).
+        """
+        with self._memory:
+            first = queue_id not in self._unrecorded
+            self._unrecorded.setdefault(queue_id, set()).update(recipients)
+        return first
+
+    def report_error(self, queue_id: str, error: SpoolError, what: str) -> None:
+        """Log a disk error about a message: at error level the first time, then at debug.
+
+        The operator must see that the spool cannot be written; a line on
+        every retry pass of every message would bury everything else.
+        """
+        with self._memory:
+            first = queue_id not in self._reported
+            self._reported.add(queue_id)
+        log.log(logging.ERROR if first else logging.DEBUG, "%s: %s: %s", queue_id, what, error)
+
+    def postpone(self, queue_id: str, next_attempt: float) -> None:
+        """A next attempt time that could not be written: honoured in memory."""
+        with self._memory:
+            self._postponed[queue_id] = next_attempt
+
+    def mark_in_flight(self, queue_id: str) -> None:
+        """An attempt past its final dot still runs in this process: the scheduler waits."""
+        with self._memory:
+            self._in_flight.add(queue_id)
+
+    def clear_in_flight(self, queue_id: str) -> None:
+        with self._memory:
+            self._in_flight.discard(queue_id)
+
+    def in_flight(self, queue_id: str) -> bool:
+        with self._memory:
+            return queue_id in self._in_flight
+
+    def settle(self, queue_id: str, errors: Mapping[str, str]) -> SpooledMessage | None:
+        """The attempt that held the message (``busy_until``) is over: due again as scheduled.
+
+        ``errors`` are its last errors.  A message with nothing pending any
+        more is removed; then None.
+        """
+        def change(m: SpooledMessage) -> SpooledMessage:
+            merged = {**m.errors, **errors}
+            return replace(m, busy_until=0.0,
+                           errors={r: e for r, e in merged.items() if r in m.pending})
+        updated = self._update(queue_id, change)
+        if updated.pending:
+            return updated
+        self.remove(queue_id)
+        return None
 
     def mark_failed(self, queue_id: str, failures: Mapping[str, str]) -> SpooledMessage:
         """Record permanent failures (already bounced): no longer pending, never retried."""
@@ -248,24 +357,20 @@ class Spool:
             try:
                 os.unlink(path)
             except FileNotFoundError as e:
+                self._forget(queue_id)
                 raise SpoolNotFound(f"{queue_id}: not in the spool") from e
             except OSError as e:
                 raise SpoolError(f"{queue_id}: cannot remove: {e}") from e
-            self._fsync_directory(self.directory)
+            self._forget(queue_id)
+            try:
+                self._fsync_directory(self.directory)
+            except OSError as e:
+                raise SpoolError(f"{queue_id}: cannot remove: {e}") from e
 
     # --- files
 
     def _path(self, queue_id: str) -> Path:
         return self.directory / validate_queue_id(queue_id)
-
-    def _message_paths(self) -> Iterator[Path]:
-        try:
-            names = os.listdir(self.directory)
-        except OSError as e:
-            raise SpoolError(f"spool directory {self.directory}: {e}") from e
-        for name in names:
-            if QUEUE_ID_RE.fullmatch(name):
-                yield self.directory / name
 
     def _update(self, queue_id: str,
                 change: Callable[[SpooledMessage], SpooledMessage]) -> SpooledMessage:
@@ -286,6 +391,7 @@ class Spool:
             try:
                 _write_all(fd, data)
                 os.fsync(fd)
+                stamp = _stamp(os.fstat(fd))  # a rename or link keeps inode, size and mtime
             finally:
                 os.close(fd)
             if exclusive:
@@ -299,13 +405,97 @@ class Spool:
             if exclusive and e.errno == errno.EEXIST:
                 raise SpoolError(f"{message.queue_id}: already in the spool") from e
             raise SpoolError(f"{message.queue_id}: cannot write spool file: {e}") from e
+        with self._memory:
+            if self._indexing:
+                self._index[message.queue_id] = (_envelope(message), stamp)
+            self._postponed.pop(message.queue_id, None)
+            remembered = self._unrecorded.get(message.queue_id)
+            if remembered is not None:
+                remembered.difference_update(message.delivered)
+                if not remembered:
+                    del self._unrecorded[message.queue_id]
 
-    def _load(self, path: Path, *, with_content: bool) -> SpoolEntry:
+    # --- the index
+
+    def _read(self, path: Path, *, with_content: bool) -> SpoolEntry:
+        """:meth:`_load`, and the index updated with what was read."""
+        try:
+            entry, stamp = self._load(path, with_content=with_content)
+        except SpoolNotFound:
+            self._forget(path.name)
+            raise
+        with self._memory:
+            if self._indexing:
+                self._index[entry.queue_id] = (_envelope(entry), stamp)
+        return entry
+
+    def _forget(self, queue_id: str) -> None:
+        with self._memory:
+            self._index.pop(queue_id, None)
+            self._unrecorded.pop(queue_id, None)
+            self._postponed.pop(queue_id, None)
+            self._reported.discard(queue_id)
+
+    def _overlaid(self, entry: E) -> E:
+        """``entry`` with what this process knows and the disk does not (yet)."""
+        done = self._unrecorded.get(entry.queue_id)
+        later = self._postponed.get(entry.queue_id)
+        if done:
+            entry = replace(entry, pending=tuple(r for r in entry.pending if r not in done),
+                            delivered=entry.delivered + tuple(r for r in entry.pending
+                                                              if r in done),
+                            errors={r: e for r, e in entry.errors.items() if r not in done})
+        if later is not None and later > entry.next_attempt:
+            entry = replace(entry, next_attempt=later)
+        return entry
+
+    def _sync(self) -> None:
+        """Bring the index up to date with the directory: read new and changed files only."""
+        try:
+            mtime = os.stat(self.directory).st_mtime_ns
+            started = time.time()
+            if self._scanned == (mtime, True):
+                return  # nothing was created, renamed or removed since a scan we can trust
+            with os.scandir(self.directory) as found:
+                names = [(d.name, d) for d in found if QUEUE_ID_RE.fullmatch(d.name)]
+        except OSError as e:
+            raise SpoolError(f"spool directory {self.directory}: {e}") from e
+        with self._memory:
+            self._indexing = True
+            known = {name: stamp for name, (_, stamp) in self._index.items()}
+        seen: set[str] = set()
+        for name, dirent in names:
+            try:
+                stamp = _stamp(dirent.stat(follow_symlinks=False))
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            except OSError as e:
+                raise SpoolError(f"{name}: cannot read spool file: {e}") from e
+            if known.get(name) == stamp:
+                seen.add(name)
+                continue
+            try:
+                self._read(self.directory / name, with_content=False)
+            except (SpoolNotFound, SpoolCorrupt):
+                continue  # removed meanwhile, or moved aside and logged
+            seen.add(name)
+        with self._memory:
+            for name in known.keys() - seen:  # gone, unless rewritten by us during the scan
+                if name in self._index and self._index[name][1] == known[name]:
+                    del self._index[name]
+                    self._unrecorded.pop(name, None)
+                    self._postponed.pop(name, None)
+        self._scanned = (mtime, started - mtime / 1e9 > DIRECTORY_TICK)
+
+    # --- files
+
+    def _load(self, path: Path, *, with_content: bool) -> tuple[SpoolEntry, Stamp]:
         """Parse one spool file; a file that does not parse is moved aside."""
         try:
             with open(path, "rb") as f:
                 header = f.readline(MAX_HEADER)
-                actual = os.fstat(f.fileno()).st_size - len(header)
+                st = os.fstat(f.fileno())
+                actual = st.st_size - len(header)
                 content = f.read() if with_content else b""
         except FileNotFoundError as e:
             raise SpoolNotFound(f"{path.name}: not in the spool") from e
@@ -317,8 +507,11 @@ class Spool:
                 raise ValueError(f"content is {actual} bytes, envelope says {entry.size}")
         except ValueError as e:
             self._move_aside(path, str(e))
+            self._forget(path.name)
             raise SpoolCorrupt(f"{path.name}: corrupt spool file moved aside: {e}") from e
-        return SpooledMessage(**vars(entry), content=content) if with_content else entry
+        if with_content:
+            return SpooledMessage(**vars(entry), content=content), _stamp(st)
+        return entry, _stamp(st)
 
     def _move_aside(self, path: Path, reason: str) -> None:
         """Keep a corrupt file for the operator in ``corrupt/``; never delete mail."""
@@ -373,11 +566,32 @@ class Spool:
             os.close(fd)
 
 
+def record_delivery(spool: Spool, queue_id: str, recipients: Sequence[str]) -> bool:
+    """Record that ``recipients`` have the message; False if only memory could keep it.
+
+    Never raises for a disk error: the destination has the message whatever
+    the disk does, so the delivery is remembered in memory (never sent
+    again while we run) and the disk error logged, once per message.  A
+    message no longer in the spool (deleted by the operator) has nothing to
+    record.
+    """
+    try:
+        spool.mark_delivered(queue_id, recipients)
+        return True
+    except SpoolNotFound:
+        return False
+    except SpoolError as error:
+        spool.remember_delivered(queue_id, recipients)
+        spool.report_error(queue_id, error, f"delivered to {','.join(recipients)}, but the spool "
+                           "cannot record it (kept in memory: it will not be sent again)")
+        return False
+
+
 # --- encoding
 
 
 def _encode_header(message: SpoolEntry) -> bytes:
-    header = {
+    header: dict[str, Any] = {
         "version": FORMAT_VERSION, "queue_id": message.queue_id, "sender": message.sender,
         "pending": list(message.pending), "delivered": list(message.delivered),
         "failed": list(message.failed), "created": message.created,
@@ -388,6 +602,8 @@ def _encode_header(message: SpoolEntry) -> bytes:
         "body": message.body, "dsn_ret": message.dsn_ret, "dsn_envid": message.dsn_envid,
         "dsn": {dest: {"notify": d.notify, "orcpt": d.orcpt} for dest, d in message.dsn.items()},
     }
+    if message.busy_until:
+        header["busy_until"] = message.busy_until
     # ensure_ascii: the line can never contain a raw newline or invalid UTF-8
     return json.dumps(header, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
 
@@ -416,7 +632,8 @@ def _decode_header(line: bytes, name: str) -> SpoolEntry:
         body=_choice(data, "body", ("", "7BIT", "8BITMIME")),
         dsn_ret=_choice(data, "dsn_ret", ("", "FULL", "HDRS")),
         dsn_envid=_field(data, "dsn_envid", str) if "dsn_envid" in data else "",
-        dsn=_recipient_dsn(data))
+        dsn=_recipient_dsn(data),
+        busy_until=_number(data, "busy_until") if "busy_until" in data else 0.0)
 
 
 T = TypeVar("T")

@@ -23,7 +23,10 @@ and message data out of it itself, so that:
 * after STARTTLS, anything the client pipelined in plain text is discarded
   (CVE-2011-0411), and the session starts over as RFC 3207 requires;
 * a reply never fails to encode: client text is echoed as printable ASCII
-  (``Reply.about``) and every reply is ASCII.
+  (``Reply.about``) and every reply is ASCII;
+* on shutdown (:meth:`SmtpConnection.close_when_idle`) a session between
+  commands gets ``421 4.3.2`` at once, while a DATA or BDAT transaction (or a
+  command in progress) finishes and gets its reply first.
 
 Policy lives behind :class:`SessionHandler`; the engine checks only syntax and
 command order.
@@ -157,8 +160,12 @@ class Wire(asyncio.Protocol):
             self.transport.resume_reading()
         return data
 
+    def wake(self) -> None:
+        """Make a pending :meth:`receive` return without new bytes (for a shutdown)."""
+        self._data.set()
+
     async def receive(self) -> None:
-        """Wait until more bytes (or EOF) arrive."""
+        """Wait until more bytes (or EOF) arrive, or :meth:`wake` is called."""
         if self.buffer or self.eof:
             return
         self._data.clear()
@@ -208,6 +215,8 @@ class SmtpConnection:
         self.errors = 0
         self.chunks: bytearray | None = None  # BDAT chunks so far; None outside BDAT
         self.chunks_size = 0
+        self.closing = False  # shutting down: no further command is read
+        self.awaiting_command = False  # waiting for the client's next command line
         self.commands: dict[str, Callable[[str], Awaitable[None]]] = {
             "HELO": self.helo, "EHLO": self.ehlo, "MAIL": self.mail, "RCPT": self.rcpt,
             "DATA": self.data, "BDAT": self.bdat, "RSET": self.rset, "NOOP": self.noop,
@@ -224,6 +233,8 @@ class SmtpConnection:
             if refusal is not None:
                 await self.hang_up(refusal)
                 return
+            if self.closing:
+                await self.hang_up(replies.shutting_down(self.settings.hostname))
             await self.send(f"220 {self.settings.hostname} ESMTP")
             while True:
                 line = await self.read_line()
@@ -240,6 +251,18 @@ class SmtpConnection:
                 self.session.admitted = False
                 self.handler.disconnected(self.session)
             self.wire.close()
+
+    def close_when_idle(self) -> None:
+        """Shut down gracefully: 421 4.3.2 before the next command is read.
+
+        A command in progress, and a DATA or BDAT transaction up to its last
+        chunk, still finishes and gets its reply (a 250 there means the mail
+        was delivered: cutting it would make the sender send it again).  A
+        session waiting for its next command is woken and told now.
+        """
+        self.closing = True
+        if self.awaiting_command:
+            self.wire.wake()
 
     async def dispatch(self, line: bytes) -> None:
         if b"\r" in line or b"\0" in line or not line.strip():
@@ -286,12 +309,19 @@ class SmtpConnection:
     async def read_more(self) -> None:
         """Flush our replies, then wait (one timer) for more bytes from the client."""
         await self.wire.drain()
-        try:
-            async with asyncio.timeout(self.settings.command_timeout):
-                await self.wire.receive()
-        except TimeoutError:
-            await self.hang_up(replies.timeout_exceeded(self.settings.hostname))
-        chunk = self.wire.take()
+        while True:
+            if self.closing and self.awaiting_command:
+                await self.hang_up(replies.shutting_down(self.settings.hostname))
+            try:
+                async with asyncio.timeout(self.settings.command_timeout):
+                    await self.wire.receive()
+            except TimeoutError:
+                await self.hang_up(replies.timeout_exceeded(self.settings.hostname))
+            chunk = self.wire.take()
+            if chunk or self.wire.eof:
+                break
+            # Woken by close_when_idle() without new bytes: a session waiting for a
+            # command hangs up above; one in the middle of DATA or BDAT reads on.
         if not chunk:
             raise _Closed()
         if self.buffer:
@@ -303,6 +333,8 @@ class SmtpConnection:
         """The next command line without its line end (CRLF, or a bare LF when normalising)."""
         scanned = 0
         while True:
+            if self.closing and self.chunks is None:
+                await self.hang_up(replies.shutting_down(self.settings.hostname))
             end = self.buffer.find(b"\n", scanned)
             if end >= 0:
                 line = bytes(self.buffer[:end + 1])
@@ -317,7 +349,11 @@ class SmtpConnection:
                 scanned = 0
                 continue
             scanned = len(self.buffer)
-            await self.read_more()
+            self.awaiting_command = self.chunks is None  # between BDAT chunks: not idle
+            try:
+                await self.read_more()
+            finally:
+                self.awaiting_command = False
 
     async def _command_line(self, line: bytes) -> bytes:
         if line.endswith(b"\r\n"):

@@ -37,6 +37,7 @@ from ..reply import printable
 from ..srs import SrsError, SrsRewriter, is_srs_address
 from ..tables import LookupTable
 from . import policy, replies
+from .abuse import AbuseChecks
 from .limits import ClientLimits
 from .parameters import apply_mail_parameters, recipient_dsn
 from .replies import Reply
@@ -50,8 +51,10 @@ IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 class SmtpHandler:
     def __init__(self, settings: ServerSettings, table: LookupTable, delivery: Delivery,
                  srs: SrsRewriter | None = None, auth: MessageAuthenticator | None = None,
-                 own_domains: frozenset[str] = frozenset()) -> None:
+                 own_domains: frozenset[str] = frozenset(),
+                 abuse: AbuseChecks | None = None) -> None:
         self.settings = settings
+        self.abuse = abuse  # bans, rate limits, duplicate suppression (abuse.py)
         self.table = table
         self.delivery = delivery
         self.srs = srs
@@ -87,8 +90,12 @@ class SmtpHandler:
             CONNECTIONS.labels("refused").inc()
             _refused("CONNECT", session, refusal, sender="")
             return refusal
-        CONNECTIONS.labels("accepted").inc()
         session.admitted = not session.in_mynetworks
+        if self.abuse is not None and (banned := self.abuse.connected(session)) is not None:
+            CONNECTIONS.labels("refused").inc()
+            _refused("CONNECT", session, banned, sender="")
+            return banned
+        CONNECTIONS.labels("accepted").inc()
         return None
 
     def disconnected(self, session: ClientSession) -> None:
@@ -98,7 +105,8 @@ class SmtpHandler:
 
     async def mail(self, session: ClientSession, envelope: Transaction, path: str,
                    params: list[str]) -> Reply:
-        reply = await self._accept_sender(session, envelope, path, params)
+        reply = ((await self.abuse.mail(session, path) if self.abuse is not None else None)
+                 or await self._accept_sender(session, envelope, path, params))
         if not reply.is_success:
             _refused("MAIL", session, reply, sender=path)
         return reply
@@ -129,7 +137,8 @@ class SmtpHandler:
 
     async def rcpt(self, session: ClientSession, envelope: Transaction, path: str,
                    params: list[str]) -> Reply:
-        reply = await self._rcpt(session, envelope, path, params)
+        reply = ((await self.abuse.rcpt(session, path) if self.abuse is not None else None)
+                 or await self._rcpt(session, envelope, path, params))
         if not reply.is_success:
             _refused("RCPT", session, reply, sender=envelope.mail_from, recipient=path)
         return reply
@@ -300,6 +309,8 @@ class SmtpHandler:
                           original_sender=envelope.mail_from, aliases=dict(envelope.aliases),
                           body=envelope.body, dsn_ret=envelope.dsn_ret,
                           dsn_envid=envelope.dsn_envid, dsn=dict(envelope.dsn))
+        if self.abuse is not None:  # not again to destinations a retried message reached
+            return await self.abuse.deliver_once(message, self.delivery)
         return await self.delivery.deliver(message)
 
     def _message_context(self, session: ClientSession, content: bytes | bytearray,

@@ -3,6 +3,11 @@
 Two numbers per client IP: connections open now, and connections opened in
 the last ``time_unit`` seconds.  Clients in mynetworks are exempt
 (``smtpd_client_event_limit_exceptions = $mynetworks``).
+
+With one process the handler counts here directly.  With several workers
+the counting must see every worker's connections, so one ``ClientLimits``
+lives in the supervisor and the workers ask it (``anvil.py``), as Postfix's
+smtpd processes ask its single anvil(8) daemon.
 """
 
 from __future__ import annotations
@@ -22,6 +27,12 @@ class ClientLimits:
         self._open: dict[str, int] = {}
         self._recent: dict[str, deque[float]] = defaultdict(deque)
         self._last_prune = clock()
+
+    def reconfigure(self, max_concurrent: int, max_rate: int, time_unit: float) -> None:
+        """New limits (SIGHUP); the connections counted so far stay counted."""
+        self._max_concurrent = max_concurrent
+        self._max_rate = max_rate
+        self._time_unit = time_unit
 
     def connect(self, ip: str) -> bool:
         """Count a new connection; False when it is over a limit (and then it is not counted)."""

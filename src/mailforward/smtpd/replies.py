@@ -101,6 +101,36 @@ def too_many_connections(hostname: str, ip: str) -> Reply:
                  "connection_limit")
 
 
+# --- abuse limits (smtpd/abuse.py).  Postfix's anvil answers for the per-client rates
+# (smtpd_client_message_rate_limit at MAIL, smtpd_client_recipient_rate_limit at RCPT);
+# per sender and per alias in the same style.  All temporary: the sender retries later.
+def client_message_rate(ip: str) -> Reply:
+    return Reply(450, "4.7.1", f"Error: too much mail from {ip}", "client_message_rate")
+
+
+def client_recipient_rate(ip: str) -> Reply:
+    return Reply(450, "4.7.1", f"Error: too many recipients from {ip}", "client_recipient_rate")
+
+
+SENDER_MESSAGE_RATE = Reply(450, "4.7.1", "Sender address rejected: too much mail from this sender",
+                            "sender_message_rate")
+# 452 at RCPT: this recipient later, the others of the message now (as for 452 4.5.3).
+ALIAS_MESSAGE_RATE = Reply(452, "4.7.1", "Recipient address rejected: too much mail for this "
+                           "recipient, try again later", "alias_message_rate")
+# [limits] redis_failure = "fail_closed" while the shared store does not answer.
+LIMITS_UNAVAILABLE = Reply(451, "4.3.0", "Temporary lookup failure", "limits_unavailable")
+
+
+# --- bans (tables/bans.py): Postfix's access(5) REJECT wording; the admin's reason is not sent.
+def banned_client(ip: str) -> Reply:
+    return Reply(554, "5.7.1", f"<unknown[{ip}]>: Client host rejected: Access denied",
+                 "banned_client")
+
+
+BANNED_SENDER = Reply(554, "5.7.1", "Sender address rejected: Access denied", "banned_sender")
+BANNED_ALIAS = Reply(554, "5.7.1", "Recipient address rejected: Access denied", "banned_alias")
+
+
 def too_many_errors(hostname: str) -> Reply:
     return Reply(421, "4.7.0", f"{hostname} Error: too many errors")
 
