@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import smtplib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 
 from mailforward.config import DatabaseSettings
 from mailforward.ops.health import HealthServer
 
-from smtp_harness import RawClient, ServerThread
+from smtp_harness import RawClient, ServeProcess, ServerThread, Sink, wait_until
 from test_smtpd import BODY, send
 
 
@@ -104,3 +107,60 @@ def get(url: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
+
+
+# ---------------------------------------------------------------- over a running server
+
+
+@pytest.fixture
+def metered(tmp_path: Path, seeded_database: DatabaseSettings) -> Iterator[tuple[ServeProcess, str]]:
+    """``mailforward serve`` with two workers and [metrics] listen; the metrics base URL."""
+    with Sink() as sink:
+        config = tmp_path / "mf.toml"
+        config.write_text(f'[server]\nhostname = "mail.example.com"\nlisten = ["127.0.0.1:0"]\n'
+                          f'workers = 2\n[database]\nurl = "{seeded_database.url}"\n'
+                          f'[delivery]\nrelay_host = "[127.0.0.1]:{sink.port}"\n'
+                          f'spool_directory = "{tmp_path / "spool"}"\n'
+                          '[auth]\nverify = false\n[metrics]\nlisten = "127.0.0.1:0"\n')
+        with ServeProcess(config) as served:
+            found: list[str] = []
+
+            def announced() -> bool:
+                found[:] = re.findall(r"metrics and health on (http://\S+/)", served.log_text())
+                return bool(found)
+            wait_until(announced, 30)
+            yield served, found[0]
+
+
+def scraped(base: str, name: str, **labels: str) -> float:
+    _, text = get(base + "metrics")
+    for family in text_string_to_metric_families(text):
+        for metric in family.samples:
+            if metric.name == name and all(metric.labels.get(k) == v for k, v in labels.items()):
+                return float(metric.value)
+    return 0.0
+
+
+def test_metrics_of_every_worker_are_served(metered: tuple[ServeProcess, str]) -> None:
+    served, base = metered
+    for _ in range(4):  # the two workers share the accepting: each takes some
+        send_port(served.port)
+    assert scraped(base, "mailforward_messages_total", outcome="accepted") == 4
+    assert scraped(base, "mailforward_connections_total", result="accepted") == 4
+
+
+def test_readyz_says_not_ready_when_the_spool_cannot_be_written(
+        metered: tuple[ServeProcess, str], tmp_path: Path) -> None:
+    _, base = metered
+    assert get(base + "readyz") == (200, "ready\n")
+    spool = tmp_path / "spool"
+    spool.mkdir(exist_ok=True)
+    spool.rename(tmp_path / "spool.moved")
+    spool.write_text("not a directory")
+    status, text = get(base + "readyz")
+    assert status == 503 and "spool" in text
+
+
+def send_port(port: int) -> None:
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=30) as s:
+        assert s.sendmail("sender@ext.test", ["alice@example.org"], BODY) == {}

@@ -23,6 +23,7 @@ from .config import Settings, load_settings
 from .delivery.spool import InvalidQueueId, Spool, SpoolEntry, SpoolError, SpoolNotFound
 from .errors import AddressError, AdminError, ConfigError, MailforwardError
 from .logsafety import install_content_guard
+from .ops.logs import configure_logging
 from .srs import (
     SrsConfigError,
     SrsError,
@@ -172,7 +173,10 @@ def serve(ctx: click.Context) -> None:
     from .smtpd.supervisor import serve as run_server
 
     settings = settings_from(ctx)
-    setup_logging()
+    try:
+        configure_logging(settings.log)
+    except OSError as e:
+        raise UsageFailure(f"configuration: [log]: {e}") from None
     try:
         run_server(settings, ctx.ensure_object(dict).get("config_path"))
     except (SrsConfigError, ConfigError) as e:

@@ -35,7 +35,7 @@ from dns.rdtypes.ANY.TXT import TXT
 
 from .errors import ConfigError, MailforwardError
 from .hostport import ip_address_text, parse_port, split_host_port
-from .ops.metrics import DNS_ERRORS, DNS_SECONDS, timed
+from .ops.metrics import dns_timer
 
 __all__ = [
     "MAX_ATTEMPT_TIMEOUT",
@@ -139,7 +139,7 @@ async def resolve(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str) 
     qname = _query_name(name)
     if qname is None:
         return Answer(name, rdtype, nxdomain=True)
-    with timed(DNS_SECONDS, DNS_ERRORS, rdtype):
+    with dns_timer(rdtype):
         try:
             answer = await resolver.resolve(qname, rdtype, search=False)
         except (dns.exception.DNSException, OSError) as e:
@@ -153,7 +153,7 @@ def resolve_sync(resolver: dns.resolver.Resolver, name: str, rdtype: str,
     qname = _query_name(name)
     if qname is None:
         return Answer(name, rdtype, nxdomain=True)
-    with timed(DNS_SECONDS, DNS_ERRORS, rdtype):
+    with dns_timer(rdtype):
         try:
             answer = resolver.resolve(qname, rdtype, search=False, lifetime=lifetime)
         except (dns.exception.DNSException, OSError) as e:

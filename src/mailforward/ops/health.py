@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
 
+from .metrics import instruments
+
 log = logging.getLogger("mailforward.ops")
 
 MAX_REQUEST = 8192
@@ -26,6 +28,7 @@ Readiness = Callable[[], Awaitable[list[str]]]
 
 def metrics_text() -> bytes:
     """The exposition text: this process's registry, or every worker's in multiprocess mode."""
+    instruments()  # every series is listed, at zero, from the first scrape
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

@@ -57,8 +57,6 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 
-from prometheus_client import Counter
-
 from ..addresses import Address, parse_mailbox, strip_source_route
 from ..aliases import alias_keys
 from ..config import LimitsSettings, Settings
@@ -66,6 +64,7 @@ from ..delivery.base import Delivery, Message
 from ..errors import AddressError, TemporaryLookupError
 from ..headerfields import field_values, header_block
 from ..ops.logs import client_name
+from ..ops.metrics import count_ban_match, count_duplicates, count_store_error
 from ..state import Store, StoreUnavailable, Window, open_store
 from ..state.shared import SocketStore
 from ..tables.bans import Ban, BanReader, BanSet
@@ -76,14 +75,6 @@ from .session import ClientSession
 log = logging.getLogger("mailforward.smtpd.abuse")
 
 __all__ = ["AbuseChecks", "BanCache", "abuse_from_settings"]
-
-STORE_ERRORS = Counter("mailforward_limits_store_errors",
-                       "Checks the limits store could not answer, by check",
-                       ["check"])  # rate | duplicates
-DUPLICATES = Counter("mailforward_duplicates_suppressed",
-                     "Retried messages not forwarded again: whole messages, or destinations "
-                     "left out of a message forwarded to the others", ["scope"])
-BAN_REFUSALS = Counter("mailforward_ban_matches", "Commands refused by a ban, by kind", ["kind"])
 
 BAN_LOAD_TIMEOUT = 10.0  # seconds for one reading of the ban table
 HASH_IN_THREAD = 256 * 1024  # bodies larger than this are hashed off the event loop
@@ -248,12 +239,12 @@ class AbuseChecks:
         self._store_answered()
         done = {dest for dest, key in keys.items() if key in seen}
         if len(done) == len(keys):
-            DUPLICATES.labels("message").inc()
+            count_duplicates("message")
             log.info("%s: duplicate of a message already delivered to its %d destination(s): "
                      "accepted, not forwarded again", message.queue_id, len(done))
             return replies.queued(message.queue_id)
         if done:
-            DUPLICATES.labels("destination").inc(len(done))
+            count_duplicates("destination", len(done))
             log.info("%s: already delivered to %d of %d destinations: forwarding to the others",
                      message.queue_id, len(done), len(keys))
             message = dataclasses.replace(
@@ -269,7 +260,7 @@ class AbuseChecks:
     # ------------------------------------------------------------ store failures
 
     def _unavailable(self, check: str, error: StoreUnavailable) -> Reply | None:
-        STORE_ERRORS.labels(check).inc()
+        count_store_error(check)
         closed = self.limits.redis_failure == "fail_closed"
         if not self._store_down:
             self._store_down = True
@@ -284,7 +275,7 @@ class AbuseChecks:
             log.info("limits store answering again")
 
     def _log_ban(self, ban: Ban, session: ClientSession, subject: str) -> None:
-        BAN_REFUSALS.labels(ban.kind).inc()
+        count_ban_match(ban.kind)
         log.info("%s: %s banned as %s ban %s%s", client_name(session.client_ip), subject,
                  ban.kind, ban.value, f" ({ban.reason})" if ban.reason else "")
 

@@ -32,7 +32,7 @@ from ..errors import AddressError, AuthenticationRefused, TemporaryLookupError
 from ..from_field import read_from_field
 from ..headerfields import header_block
 from ..ops.logs import client_name, log_reject
-from ..ops.metrics import CONNECTIONS, DATA_REPLY_SECONDS, MESSAGES, REFUSALS
+from ..ops.metrics import count_connection, count_message, count_refusal
 from ..reply import printable
 from ..srs import SrsError, SrsRewriter, is_srs_address
 from ..tables import LookupTable
@@ -87,15 +87,15 @@ class SmtpHandler:
         if not session.in_mynetworks and not self.limits.connect(session.client_ip):
             refusal = replies.too_many_connections(self.settings.hostname, session.client_ip)
             log.warning("%s: %s", client_name(session.client_ip), refusal)
-            CONNECTIONS.labels("refused").inc()
+            count_connection("refused")
             _refused("CONNECT", session, refusal, sender="")
             return refusal
         session.admitted = not session.in_mynetworks
         if self.abuse is not None and (banned := self.abuse.connected(session)) is not None:
-            CONNECTIONS.labels("refused").inc()
+            count_connection("refused")
             _refused("CONNECT", session, banned, sender="")
             return banned
-        CONNECTIONS.labels("accepted").inc()
+        count_connection("accepted")
         return None
 
     def disconnected(self, session: ClientSession) -> None:
@@ -274,8 +274,7 @@ class SmtpHandler:
         if reply.reason:  # refused by policy, not by the destinations
             _refused("END-OF-MESSAGE", session, reply, sender=envelope.mail_from,
                      recipient=",".join(envelope.rcpt_tos))
-        MESSAGES.labels(_outcome(reply)).inc()
-        DATA_REPLY_SECONDS.observe(time.monotonic() - started)
+        count_message(_outcome(reply), time.monotonic() - started)
         log.info("%s: client=%s, helo=<%s>, from=<%s>, size=%d, nrcpt=%d, status=%s",
                  queue_id, client_name(session.client_ip), printable(session.host_name),
                  printable(envelope.mail_from), len(content), len(envelope.destinations),
@@ -353,7 +352,7 @@ def _refused(stage: str, session: ClientSession, reply: Reply, *, sender: str,
     reason = reply.reason or "other"
     log_reject(stage, session.client_ip, str(reply), reason, sender=sender, recipient=recipient,
                helo=session.host_name, extended=session.extended_smtp)
-    REFUSALS.labels(stage, reason).inc()
+    count_refusal(stage, reason)
 
 
 def _outcome(reply: Reply) -> str:

@@ -23,11 +23,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..addresses import normalize_domain
 from ..auth.pipeline import MessageAuthenticator, authenticator_from_settings
@@ -36,7 +39,9 @@ from ..delivery import build_delivery
 from ..delivery.base import Delivery
 from ..delivery.retry import RetryScheduler
 from ..delivery.spool import SpoolError
-from ..errors import ConfigError
+from ..errors import ConfigError, TemporaryLookupError
+from ..hostport import parse_host_port
+from ..ops.logs import configure_logging
 from ..srs import SrsRewriter, rewriter_from_settings
 from ..tables import LookupTable, open_table
 from ..tables.cache import CachedTable
@@ -48,7 +53,11 @@ from .limits import ClientLimits
 
 log = logging.getLogger("mailforward.smtpd")
 
+if TYPE_CHECKING:
+    from ..ops.health import HealthServer
+
 RETRY_INTERVAL = 10.0  # seconds between looks at the spool for due messages
+READY_TIMEOUT = 5.0  # seconds /readyz waits for the lookup table
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 SERVICE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 CUT_GRACE = 5.0  # seconds for cancelled sessions to close after the drain deadline
@@ -170,10 +179,10 @@ def restart_needed(running: Settings, new: Settings) -> list[str]:
 
 
 def apply_log_level(settings: Settings) -> str:
-    """``[log] level`` (validated by config) for this process; a note for the reload line."""
-    level = settings.log.level
-    logging.getLogger().setLevel(level.upper())
-    return f"log level {level}"
+    """``[log]`` again for this process (level, destination, format; a log file reopened
+    after rotation); a note for the reload line."""
+    configure_logging(settings.log)
+    return f"log {settings.log.destination}, level {settings.log.level}"
 
 
 # ---------------------------------------------------------------- the listeners
@@ -332,21 +341,28 @@ class Service:
         settings = self.components.settings
         delivery, scheduler = build_delivery(settings)  # before the table: nothing to close
         self._table = table = await open_table(settings.database, cached=False)
-        self.abuse = await abuse_from_settings(settings)  # issue 15: [limits], bans, duplicates
+        self.abuse = await abuse_from_settings(settings)  # [limits], bans, duplicates
         retries: asyncio.Task[None] | None = None
+        health = None
         try:
             await self._serve(delivery, table)
-            if self.runs_retries:
+            if self.runs_retries:  # one process per spool: retries, and /metrics for all
                 retries = loop.create_task(self._retry_loop(scheduler))
+                health = await self._start_health(settings)
             await self._stop.wait()
             assert self.server is not None
             deadline = loop.time() + self.components.settings.server.drain_timeout
             await self.server.drain(self.components.settings.server.drain_timeout)
-            if retries is not None:  # an attempt in progress finishes (or the deadline cuts it)
-                await asyncio.wait([retries], timeout=max(deadline - loop.time(), 0.1))
+            if retries is not None:
+                retries.cancel()
+            # attempts in progress and late answers to a final dot get what is left
+            await scheduler.close(max(deadline - loop.time(), 0.1))
+            await delivery.close(max(deadline - loop.time(), 0.1))
         finally:
             if retries is not None:
                 retries.cancel()
+            if health is not None:
+                await health.stop()
             if self.server is not None:
                 await self.server.stop()
             if self._watcher is not None:
@@ -386,12 +402,39 @@ class Service:
             log.warning("the supervisor is gone: stopping")
             self._stop.set()
 
+    async def _start_health(self, settings: Settings) -> HealthServer | None:
+        """``[metrics] listen``: /metrics, /healthz, /readyz (this process serves them)."""
+        if not settings.metrics.listen:
+            return None
+        from ..ops.health import HealthServer
+
+        health = HealthServer(self._readiness)
+        await health.start(*parse_host_port(settings.metrics.listen, "[metrics] listen"))
+        return health
+
+    async def _readiness(self) -> list[str]:
+        """What keeps us from taking mail: a table that does not answer, a spool we cannot write."""
+        problems = []
+        if self._stop.is_set():
+            problems.append("draining")
+        try:
+            assert self._table is not None
+            await asyncio.wait_for(self._table.domain_is_hosted("readyz.invalid"), READY_TIMEOUT)
+        except TimeoutError:
+            problems.append("lookup table: no answer in time")
+        except TemporaryLookupError as error:
+            problems.append(f"lookup table: {error}")
+        spool = Path(self.components.settings.delivery.spool_directory)
+        if not (spool.is_dir() and os.access(spool, os.W_OK | os.X_OK)):
+            problems.append(f"spool {spool}: not writable")
+        return problems
+
     async def _retry_loop(self, scheduler: RetryScheduler) -> None:
-        """Like ``RetryScheduler.run_forever``, but a pass in progress ends before we stop."""
+        """Start due messages every RETRY_INTERVAL without waiting for slow ones (qmgr)."""
         log.info("retry scheduler started")
         while not self._stop.is_set():
             try:
-                await scheduler.run_once(scheduler.clock())
+                await scheduler.dispatch(scheduler.clock())
             except SpoolError as error:  # e.g. the directory became unreadable: keep trying
                 log.error("spool scan failed: %s", error)
             try:

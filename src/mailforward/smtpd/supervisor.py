@@ -35,6 +35,7 @@ its channel close, drains and exits; it never serves on unsupervised.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
@@ -42,7 +43,9 @@ import selectors
 import signal
 import socket
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..config import Settings, load_settings
@@ -66,8 +69,27 @@ def serve(settings: Settings, config_path: str | None = None) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # no death by SIGHUP before the handlers exist
     if settings.server.workers == 1:
         asyncio.run(run(settings, config_path))
-    else:
+        return
+    with shared_metrics(settings):
         Supervisor(settings, config_path).run()
+
+
+@contextlib.contextmanager
+def shared_metrics(settings: Settings) -> Iterator[None]:
+    """Workers count into one directory, so the worker serving /metrics reports them all.
+
+    prometheus-client picks its storage when first imported, which happens in
+    the workers after this (``ops/metrics`` creates the instruments lazily).
+    """
+    if not settings.metrics.listen or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="mailforward-metrics-") as directory:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        try:
+            yield
+        finally:
+            del os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 
 def bind_listeners(settings: Settings) -> list[socket.socket]:

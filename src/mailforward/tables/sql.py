@@ -7,7 +7,7 @@ from typing import Any
 from ..addresses import normalize_domain
 from ..config import DatabaseSettings
 from ..errors import AddressError
-from ..ops.metrics import LOOKUP_ERRORS, LOOKUP_SECONDS, timed
+from ..ops.metrics import lookup_timer
 from .base import QueryRunner, split_destinations
 
 
@@ -48,7 +48,7 @@ class SqlTable:
 
     async def _fetch(self, kind: str, query: str, key: str) -> list[tuple[Any, ...]]:
         """One query, timed and counted per kind (``ops.metrics``)."""
-        with timed(LOOKUP_SECONDS, LOOKUP_ERRORS, kind):
+        with lookup_timer(kind):
             return await self._runner.fetch(query, key)
 
     async def domain_is_hosted(self, domain: str) -> bool:
