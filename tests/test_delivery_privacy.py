@@ -58,7 +58,7 @@ def delivery(world: dict[str, Any], tmp_path: Path) -> PassThroughDelivery:
 
 def forwarded(*targets: str) -> Message:
     """``friend@alias.test`` and ``pal@alias.test`` forward to ``targets`` (in that order)."""
-    aliases = dict(zip(targets, ["friend@alias.test", "pal@alias.test"], strict=True))
+    aliases = dict(zip(targets, ["friend@alias.test", "pal@alias.test"], strict=False))
     return Message("PRIV000001", SRS_SENDER, targets, CONTENT, "192.0.2.9",
                    original_sender=SENDER, aliases=aliases)
 
