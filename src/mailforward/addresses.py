@@ -11,6 +11,7 @@ we, so that no percent hack, bang path or quoted ``@`` can ever relay.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -73,8 +74,13 @@ def quote_local(local: str) -> str:
     return f'"{escaped}"'
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_domain(domain: str) -> str:
-    """Lower-case, drop one trailing dot, IDNA-encode; raise AddressError when invalid."""
+    """Lower-case, drop one trailing dot, IDNA-encode; raise AddressError when invalid.
+
+    Cached: the same few domains come back in every transaction (sender, alias,
+    From), and IDNA's checks are the dearest thing we do per address.
+    """
     text = domain.strip()
     if text.endswith("."):
         text = text[:-1]

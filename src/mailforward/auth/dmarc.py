@@ -201,6 +201,7 @@ def _suffix_list() -> PublicSuffixList:
         return PublicSuffixList()
 
 
+@functools.lru_cache(maxsize=4096)
 def org_domain(domain: str) -> str:
     """The organizational domain (RFC 7489 3.2): one label below the public suffix.
 

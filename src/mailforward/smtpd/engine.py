@@ -213,6 +213,7 @@ class SmtpConnection:
         self.txn = Transaction()
         self.buffer = bytearray()  # taken from the wire, not yet parsed
         self.errors = 0
+        self.replies: list[bytes] = []  # written in one go when the pipelined commands run out
         self.chunks: bytearray | None = None  # BDAT chunks so far; None outside BDAT
         self.chunks_size = 0
         self.closing = False  # shutting down: no further command is read
@@ -284,8 +285,15 @@ class SmtpConnection:
     # ------------------------------------------------------------ I/O
 
     async def send(self, text: str) -> None:
-        """Queue one reply; it is flushed when the client's pipelined commands run out."""
-        self.wire.write(text.encode("ascii", "replace") + b"\r\n")
+        """Queue one reply line; :meth:`flush` writes them when the client's pipelined
+        commands run out (RFC 2920), so a multi-line EHLO or a pipelined envelope is one write."""
+        self.replies.append(text.encode("ascii", "replace") + b"\r\n")
+
+    async def flush(self) -> None:
+        if self.replies:
+            self.wire.write(b"".join(self.replies))
+            self.replies.clear()
+        await self.wire.drain()
 
     async def reply(self, reply: Reply) -> None:
         """Send a reply; count errors and hang up at the hard error limit, as Postfix does."""
@@ -302,13 +310,13 @@ class SmtpConnection:
     async def _send_quietly(self, reply: Reply) -> None:
         try:
             await self.send(str(reply))
-            await self.wire.drain()
+            await self.flush()
         except (ConnectionError, ssl.SSLError, RuntimeError):
             pass
 
     async def read_more(self) -> None:
         """Flush our replies, then wait (one timer) for more bytes from the client."""
-        await self.wire.drain()
+        await self.flush()
         while True:
             if self.closing and self.awaiting_command:
                 await self.hang_up(replies.shutting_down(self.settings.hostname))
@@ -573,7 +581,7 @@ class SmtpConnection:
             await self.reply(replies.ARGUMENT_NOT_ALLOWED)
             return
         await self.send(str(replies.READY_FOR_TLS))
-        await self.wire.drain()
+        await self.flush()
         self.buffer.clear()  # plaintext pipelined behind STARTTLS must not count (CVE-2011-0411)
         try:
             async with asyncio.timeout(self.settings.command_timeout):
