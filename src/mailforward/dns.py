@@ -21,6 +21,7 @@ resolver sees what the server sees, and the system's otherwise.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -54,6 +55,7 @@ MAX_ATTEMPT_TIMEOUT = 2.0
 """Seconds for one try at one nameserver (dnspython's own default)."""
 
 DNS_PORT = 53
+CACHE_SIZE = 10_000  # answers kept per resolver (dnspython's LRU cache honours each TTL)
 
 
 class DnsTemporaryError(MailforwardError):
@@ -128,6 +130,9 @@ def _configure(kind: type[R], nameservers: Sequence[str], timeout: float) -> R:
             raise ConfigError(f"no nameservers configured and no system resolver: {e}") from None
     resolver.lifetime = timeout
     resolver.timeout = min(MAX_ATTEMPT_TIMEOUT, timeout / 2)
+    # Answers are kept for their TTL, as a local caching resolver would keep them:
+    # mail from one sender domain asks the same SPF/DMARC/key names again and again.
+    resolver.cache = dns.resolver.LRUCache(CACHE_SIZE)
     return resolver
 
 
@@ -176,6 +181,7 @@ def _joined_txt(answer: Answer) -> list[bytes]:
     return [b"".join(rdata.strings) for rdata in answer.records if isinstance(rdata, TXT)]
 
 
+@functools.lru_cache(maxsize=4096)
 def _query_name(name: str) -> dns.name.Name | None:
     """``name`` as an absolute DNS name, or None when no such name can exist."""
     try:

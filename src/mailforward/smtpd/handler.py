@@ -24,6 +24,7 @@ from ..addresses import (
     strip_source_route,
 )
 from ..aliases import NoDestination, expand_alias
+from ..auth.dmarc import org_domain
 from ..auth.pipeline import MessageAuthenticator
 from ..auth.verify import AuthVerdict
 from ..config import ServerSettings
@@ -62,6 +63,7 @@ class SmtpHandler:
         self.srs_domain = normalize_domain(srs.domain) if srs is not None else ""
         # Domains our envelope, signature or seal speaks for: not for strangers' From.
         self.own_domains = frozenset(own_domains | ({self.srs_domain} - {""}))
+        org_domain("warm-up.invalid")  # read the public suffix list now, not in a client's DATA
         self.mynetworks: Sequence[IpNetwork] = [
             ipaddress.ip_network(n, strict=False) for n in settings.mynetworks]
         self.postmaster = settings.postmaster or (
