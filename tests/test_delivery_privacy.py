@@ -142,3 +142,18 @@ async def test_bounce_after_a_retry_still_names_only_the_alias(
     dsn = the_dsn(delivery)
     assert b"later@dest.test" not in dsn.lower()
     assert [b["Final-Recipient"] for b in status_blocks(dsn)] == ["rfc822; pal@alias.test"]
+
+
+def test_our_own_words_naming_the_targets_next_hop_reach_the_sender_as_a_neutral_text() -> None:
+    from mailforward.delivery.base import OUR_OWN_FAILURE, for_the_sender
+    text = for_the_sender("451 4.4.1 connect to mx.secret-target.test[192.0.2.9]:25: "
+                          "Connection refused", "friend@alias.test")
+    assert text == f"451 4.4.1 <friend@alias.test>: {OUR_OWN_FAILURE}"
+    assert for_the_sender("451 4.4.3 <secret-target.test>: Host or domain name not found",
+                          "friend@alias.test") == f"451 4.4.3 <friend@alias.test>: {OUR_OWN_FAILURE}"
+
+
+def test_the_downstreams_own_words_about_the_alias_pass_unchanged() -> None:
+    from mailforward.delivery.base import for_the_sender
+    reply = "451 4.2.0 <friend@alias.test>: Mailbox busy, try later"
+    assert for_the_sender(reply, "friend@alias.test") == reply

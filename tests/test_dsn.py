@@ -78,6 +78,14 @@ def test_dsn_never_returns_the_original_body() -> None:
     assert BODY_MARKER not in build()
 
 
+def test_dsn_names_the_original_queue_id_in_the_report_and_the_text() -> None:
+    data = build()
+    per_message = status_blocks(data)[0]
+    assert per_message["X-Mailforward-Queue-ID"] == "ABC123"
+    assert "Reporting-MTA" in per_message and "Final-Recipient" not in per_message
+    assert b"Queue ID: ABC123" in decoded(parts(data)[0])
+
+
 def test_dsn_is_from_mailer_daemon_to_the_original_sender() -> None:
     dsn = parse(build())
     assert dsn["From"].startswith("MAILER-DAEMON@mx.example.net")

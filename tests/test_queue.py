@@ -74,6 +74,49 @@ def test_queue_unknown_id_exits_2(tmp_path: Path) -> None:
     assert _queue(tmp_path / "spool", "delete", "NOPE0000").exit_code == 2
 
 
+# ---------------------------------------------------------------- read-only commands
+
+
+def test_queue_list_of_a_missing_spool_directory_creates_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "var" / "spool" / "mailforward"
+    result = _queue(missing, "list")
+    assert result.exit_code == 0
+    assert result.output.startswith("Mail queue is empty (spool directory ")
+    assert json.loads(_queue(missing, "list", "--json").output) == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_queue_show_of_a_missing_spool_directory_is_an_unknown_id_and_creates_nothing(
+        tmp_path: Path) -> None:
+    result = _queue(tmp_path / "spool", "show", "ABC123DEF0")
+    assert result.exit_code == 2 and "ABC123DEF0: not in the spool" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_queue_flush_of_a_missing_spool_directory_is_an_error_and_creates_nothing(
+        tmp_path: Path) -> None:
+    result = _queue(tmp_path / "spool", "flush")
+    assert result.exit_code == 1 and "does not exist" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_queue_list_and_show_leave_the_spool_directory_as_it_was(tmp_path: Path) -> None:
+    qid = _spool_one(tmp_path / "spool")
+    before = sorted(p.name for p in (tmp_path / "spool").iterdir())
+    assert _queue(tmp_path / "spool", "list").exit_code == 0
+    assert _queue(tmp_path / "spool", "show", qid).exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == before  # not even a .lock
+
+
+def test_queue_show_says_when_a_pending_recipient_was_not_attempted_yet(tmp_path: Path) -> None:
+    message = Message("DSN0000001", "", ("a@ext.test",), b"Subject: s\r\n\r\nbody\r\n",
+                      original_queue_id="ABC123DEF0")
+    Spool(tmp_path / "spool").put(message, message.recipients, time.time(), time.time())
+    output = _queue(tmp_path / "spool", "show", "DSN0000001").output
+    assert "pending:   <a@ext.test> (not attempted yet)" in output
+    assert "reports on: ABC123DEF0" in output
+
+
 # ---------------------------------------------------------------- hostile envelopes
 
 ESC = "\x1b"

@@ -36,6 +36,7 @@ from mailforward.delivery.spool import (
     SpooledMessage,
     SpoolEntry,
     SpoolError,
+    SpoolMissing,
     SpoolNotFound,
 )
 from mailforward.errors import MailforwardError
@@ -307,6 +308,68 @@ def test_reschedule_sets_time_attempts_and_errors(spool: Spool) -> None:
     got = spool.get("ABC123")
     assert (got.next_attempt, got.attempts, got.errors) == (T0 + 600, 2,
                                                             {"a@x.test": "451 4.4.1 busy"})
+
+
+# --- what a DSN of ours reports on
+
+
+def test_original_queue_id_of_a_dsn_survives_the_spool(spool: Spool) -> None:
+    put(spool, replace(message("DSN0001"), original_queue_id="ABC123"))
+    assert spool.get("DSN0001").original_queue_id == "ABC123"
+    assert Spool(spool.directory).list()[0].original_queue_id == "ABC123"
+
+
+def test_file_without_original_queue_id_loads_as_ordinary_mail(spool: Spool) -> None:
+    put(spool)
+    assert b"original_queue_id" not in (spool.directory / "ABC123").read_bytes()
+    assert spool.get("ABC123").original_queue_id == ""
+
+
+def test_original_queue_id_that_is_not_a_queue_id_is_corrupt(spool: Spool) -> None:
+    put(spool)
+    path = spool.directory / "ABC123"
+    header, _, content = path.read_bytes().partition(b"\n")
+    fields = json.loads(header)
+    fields["original_queue_id"] = "../x"
+    path.write_bytes(json.dumps(fields).encode() + b"\n" + content)
+    with pytest.raises(SpoolCorrupt):
+        spool.get("ABC123")
+
+
+# --- read-only
+
+
+def test_read_only_spool_of_a_missing_directory_creates_nothing(tmp_path: Path) -> None:
+    with pytest.raises(SpoolMissing):
+        Spool(tmp_path / "var" / "spool", read_only=True)
+    with pytest.raises(SpoolMissing):
+        Spool(tmp_path / "var" / "spool", create=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_only_spool_lists_and_reads_but_changes_nothing_on_disk(spool: Spool) -> None:
+    put(spool)
+    leftover = spool.directory / ".tmp-ABC123-999999999-abcd"
+    leftover.write_bytes(b"half written")
+    (spool.directory / "BAD1").write_bytes(b"not json\n\ncontent")
+    before = sorted(p.name for p in spool.directory.iterdir())
+    reader = Spool(spool.directory, read_only=True)
+    assert [e.queue_id for e in reader.list()] == ["ABC123"]
+    assert reader.get("ABC123").content == CONTENT
+    with pytest.raises(SpoolCorrupt, match="left in place"):
+        reader.get("BAD1")
+    assert sorted(p.name for p in spool.directory.iterdir()) == before  # no .lock, no corrupt/
+
+
+def test_read_only_spool_refuses_to_write(spool: Spool) -> None:
+    put(spool)
+    reader = Spool(spool.directory, read_only=True)
+    for change in (lambda: reader.mark_delivered("ABC123", ["a@x.test"]),
+                   lambda: reader.remove("ABC123"),
+                   lambda: reader.put(message("NEW1"), ["a@x.test"], T0, T0)):
+        with pytest.raises(SpoolError, match="read-only"):
+            change()
+    assert spool.get("ABC123").pending == ("a@x.test", "b@y.test")
 
 
 # --- crashes and corruption

@@ -20,7 +20,15 @@ import click
 
 from .admin import Admin, AliasRow, DomainRow
 from .config import Settings, load_settings
-from .delivery.spool import InvalidQueueId, Spool, SpoolEntry, SpoolError, SpoolNotFound
+from .delivery.spool import (
+    InvalidQueueId,
+    Spool,
+    SpoolEntry,
+    SpoolError,
+    SpoolMissing,
+    SpoolNotFound,
+    validate_queue_id,
+)
 from .errors import AddressError, AdminError, ConfigError, MailforwardError
 from .logsafety import install_content_guard
 from .ops.logs import configure_logging
@@ -418,15 +426,23 @@ def queue() -> None:
     """The spool: messages waiting for a retry (envelopes only; bodies are never shown)."""
 
 
-def spool_from(ctx: click.Context) -> Spool:
-    return Spool(Path(settings_from(ctx).delivery.spool_directory))
+def spool_from(ctx: click.Context, *, read_only: bool = False) -> Spool:
+    """The configured spool, never created here: only the server makes the directory.
+
+    ``read_only`` (list, show): nothing on disk is changed, not even a lock
+    file; a missing directory raises :class:`SpoolMissing`, as it does for
+    the commands that write (flush, delete).
+    """
+    return Spool(Path(settings_from(ctx).delivery.spool_directory), create=False,
+                 read_only=read_only)
 
 
 def _entry_json(entry: SpoolEntry) -> dict[str, Any]:
     return {"queue_id": entry.queue_id, "sender": entry.sender, "pending": list(entry.pending),
-            "delivered": list(entry.delivered), "size": entry.size, "created": entry.created,
-            "attempts": entry.attempts, "next_attempt": entry.next_attempt,
-            "errors": dict(entry.errors)}
+            "delivered": list(entry.delivered), "failed": list(entry.failed),
+            "size": entry.size, "created": entry.created, "attempts": entry.attempts,
+            "next_attempt": entry.next_attempt, "errors": dict(entry.errors),
+            "original_queue_id": entry.original_queue_id}
 
 
 def _when(timestamp: float) -> str:
@@ -461,8 +477,17 @@ def _print_queue_json(value: Any) -> None:
 @json_option
 @click.pass_context
 def queue_list(ctx: click.Context, as_json: bool) -> None:
-    """List spooled messages."""
-    entries = spool_from(ctx).list()
+    """List spooled messages (reads only: creates nothing, not even the spool directory)."""
+    try:
+        entries = spool_from(ctx, read_only=True).list()
+    except SpoolMissing as e:  # the server never ran here: nothing can be queued
+        if as_json:
+            _print_queue_json([])
+        else:
+            click.echo(f"Mail queue is empty ({e})")
+        return
+    except SpoolError as e:
+        raise click.ClickException(str(e)) from None
     if as_json:
         _print_queue_json([_entry_json(e) for e in entries])
         return
@@ -476,18 +501,24 @@ def queue_list(ctx: click.Context, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def queue_show(ctx: click.Context, queue_id: str, as_json: bool) -> None:
-    """Envelope, size and last errors of one message (never its content)."""
-    entry = _spooled(ctx, lambda spool: spool.get(queue_id))
+    """Envelope, size and each pending recipient's last reply of one message (never its
+    content).  Reads only: creates nothing."""
+    entry = _spooled(ctx, lambda spool: spool.get(queue_id), read_only=True, queue_id=queue_id)
     if as_json:
         _print_queue_json(_entry_json(entry))
         return
     click.echo(f"queue id:  {entry.queue_id}\nsize:      {entry.size}\n"
                f"arrived:   {_when(entry.created)}\nnext try:  {_when(entry.next_attempt)}\n"
                f"attempts:  {entry.attempts}\nsender:    {_shown(f'<{entry.sender}>')}")
+    if entry.original_queue_id:
+        click.echo(f"reports on: {entry.original_queue_id} (a delivery status notification)")
     for rcpt in entry.pending:
-        click.echo(_shown(f"pending:   <{rcpt}> {entry.errors.get(rcpt, '')}".rstrip()))
+        reply = entry.errors.get(rcpt) or "not attempted yet"
+        click.echo(_shown(f"pending:   <{rcpt}> ({reply})"))
     for rcpt in entry.delivered:
         click.echo(_shown(f"delivered: <{rcpt}>"))
+    for rcpt in entry.failed:
+        click.echo(_shown(f"failed:    <{rcpt}> (bounced)"))
 
 
 @queue.command("flush")
@@ -503,13 +534,26 @@ def queue_flush(ctx: click.Context) -> None:
 @click.pass_context
 def queue_delete(ctx: click.Context, queue_id: str) -> None:
     """Delete one message from the spool, without a bounce."""
-    _spooled(ctx, lambda spool: spool.remove(queue_id))
+    _spooled(ctx, lambda spool: spool.remove(queue_id), queue_id=queue_id)
     click.echo(f"deleted {queue_id}")
 
 
-def _spooled(ctx: click.Context, action: Callable[[Spool], T]) -> T:
+def _spooled(ctx: click.Context, action: Callable[[Spool], T], *, read_only: bool = False,
+             queue_id: str = "") -> T:
+    """``action`` on the spool, which is never created here; a spool error is a one-line
+    error, exit 2 for a bad or unknown ``queue_id`` (checked before the spool is opened).
+
+    A missing spool directory holds no message: about a ``queue_id`` that is exit 2
+    like any unknown id; otherwise (``flush``) an error.
+    """
     try:
-        return action(spool_from(ctx))
+        if queue_id:
+            validate_queue_id(queue_id)
+        return action(spool_from(ctx, read_only=read_only))
+    except SpoolMissing as e:
+        if queue_id:
+            raise UsageFailure(f"{queue_id}: not in the spool ({e})") from None
+        raise click.ClickException(f"{e} (the server creates it when it starts)") from None
     except (InvalidQueueId, SpoolNotFound) as e:
         raise UsageFailure(str(e)) from None
     except SpoolError as e:

@@ -2,6 +2,7 @@
 
 A base module: ``smtpd/`` builds replies to send, ``delivery/`` builds them
 from what the next hop answered, and neither imports the other for it.  The
+acknowledgement both need (:data:`OK`, :func:`queued`) is here too; the
 table of the replies we send is ``smtpd/replies.py``.
 """
 
@@ -41,6 +42,14 @@ class Reply:
         does, so a reply can always be sent.
         """
         return Reply(self.code, self.status, f"<{printable(subject)}>: {self.text}", self.reason)
+
+
+OK = Reply(250, "2.0.0", "Ok")
+
+
+def queued(queue_id: str) -> Reply:
+    """The 250 that acknowledges a message: delivered, or safely in the spool."""
+    return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
 
 def printable(text: str) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..smtpd.replies import OK, Reply, queued
+from ..reply import OK, Reply, queued
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class Message:
     dsn_ret: str = ""  # RFC 3461 RET: "", "FULL" or "HDRS"
     dsn_envid: str = ""  # RFC 3461 ENVID, xtext as given
     dsn: Mapping[str, RecipientDsn] = field(default_factory=dict)  # destination -> its RCPT's
+    original_queue_id: str = ""  # a DSN of ours: the queue id of the message it reports on
 
     def alias_of(self, destination: str) -> str:
         """The address the sender used for ``destination``; the destination itself when unknown."""
@@ -122,6 +123,22 @@ class RecordingDelivery:
     async def deliver(self, message: Message) -> Reply:
         self.messages.append(message)
         return queued(message.queue_id) if self.reply == OK else self.reply
+
+
+OUR_OWN_FAILURE = "the destination could not be reached"
+_REPLY_HEAD = re.compile(r"(\d{3}[ -](?:[245]\.\d{1,3}\.\d{1,3} )?)(.*)", re.DOTALL)
+
+
+def for_the_sender(reply_text: str, alias: str) -> str:
+    """A reply as the sender may see it: the downstream's own words (which we prefix with
+    ``<alias>:`` and scrub of targets) pass; our own words about reaching the target's
+    next hop (``connect to mx.target.example[ip]: ...``, DNS failures for its domain)
+    would name where the alias goes, so they become a neutral text about the alias."""
+    match = _REPLY_HEAD.match(reply_text)
+    head, text = (match.group(1), match.group(2)) if match else ("", reply_text)
+    names_the_target = text.startswith("connect to ") or (
+        text.startswith("<") and not text.lower().startswith(f"<{alias.lower()}>:"))
+    return f"{head}<{alias}>: {OUR_OWN_FAILURE}" if names_the_target else reply_text
 
 
 def conceal_destinations(text: str, aliases: Mapping[str, str]) -> str:

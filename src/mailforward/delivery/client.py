@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import ssl
 from collections.abc import Sequence
@@ -53,7 +54,7 @@ import aiosmtplib
 import aiosmtplib.email
 
 from ..addresses import is_sendable
-from ..smtpd.replies import Reply
+from ..reply import Reply
 from .base import MAX_ENVID, Message, conceal_destinations, is_xtext, orcpt_parts
 from .connections import ConnectionCache, HopKey, Session
 from .routing import NextHop
@@ -96,9 +97,16 @@ class ClientSettings:
 
 @dataclass
 class Commit:
-    """Where one transaction is: ``past_dot`` once the final dot has been written."""
+    """Where one transaction is: ``past_dot`` once the final dot has been written.
+
+    For the log lines only (never told to the sender): ``relay`` is the next
+    hop once it answered (``host[address]:port``; "" while none did) and
+    ``answer`` its reply to the final dot as it gave it.
+    """
 
     past_dot: bool = False
+    relay: str = ""
+    answer: str = ""
 
 
 class TryNextHop(Exception):
@@ -129,6 +137,24 @@ def downstream_reply(error: aiosmtplib.SMTPResponseException, destination: str,
     if not text.lower().startswith(prefix.lower()):
         text = f"{prefix} {text}"
     return Reply(error.code, status, text)
+
+
+def relay_name(hop: NextHop) -> str:
+    """Postfix's ``relay=`` value: ``host[address]:port``."""
+    return f"{hop.host}[{hop.address}]:{hop.port}"
+
+
+def failure_reason(error: BaseException) -> str:
+    """Why a connection failed or was lost, in the words of the system (``Connection refused``,
+    ``timed out``), else the exception's type: never the library's text, which may say more."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, TimeoutError | aiosmtplib.SMTPTimeoutError):
+            return "timed out"
+        if isinstance(seen, OSError) and seen.errno:
+            return os.strerror(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    return type(error).__name__
 
 
 def unreachable(hop: NextHop, why: str) -> Reply:
@@ -174,17 +200,21 @@ class SmtpClient:
         key = HopKey(hop.address, hop.port)
         session = await self.cache.take(key)
         if session is not None:
+            commit.relay = relay_name(hop)
             try:
                 return await self._use(session, hop, message, recipients, commit)
             except _StaleSession:
+                commit.relay = ""
                 log.debug("%s: cached session to %s:%d was closed: reconnecting",
                           message.queue_id, hop.address, hop.port)
         try:
             session = await self._open(hop, key)
-        except aiosmtplib.SMTPResponseException as e:
+        except aiosmtplib.SMTPResponseException as e:  # it answered: refused us
+            commit.relay = relay_name(hop)
             return _refused(e, hop, message, recipients)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
-            raise TryNextHop(unreachable(hop, type(e).__name__)) from e
+            raise TryNextHop(unreachable(hop, failure_reason(e))) from e
+        commit.relay = relay_name(hop)
         try:
             return await self._use(session, hop, message, recipients, commit)
         except _StaleSession as e:  # only for reused sessions: this one is new
@@ -233,9 +263,9 @@ class SmtpClient:
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as e:
             if session.reused:
                 raise _StaleSession() from e
-            raise TryNextHop(unreachable(hop, type(e).__name__)) from e
+            raise TryNextHop(unreachable(hop, failure_reason(e))) from e
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
-            raise TryNextHop(unreachable(hop, type(e).__name__)) from e
+            raise TryNextHop(unreachable(hop, failure_reason(e))) from e
         finally:
             if keep:
                 session.transactions += 1
@@ -268,7 +298,7 @@ class SmtpClient:
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
             # The outcome is unknown: deferring may deliver twice, but never loses mail.
             client.close()
-            results.update({rcpt: unreachable(hop, f"lost during DATA ({type(e).__name__})")
+            results.update({rcpt: unreachable(hop, f"lost during DATA ({failure_reason(e)})")
                             for rcpt in accepted})
             return results
         if not client.supports_extension("dsn"):
@@ -331,6 +361,7 @@ async def send_data(client: aiosmtplib.SMTP, content: bytes | bytearray, commit:
         if response.code == 421:
             client.close()
         raise aiosmtplib.SMTPDataError(response.code, response.message)
+    commit.answer = f"{response.code} {response.message}"
 
 
 def needs_smtputf8(message: Message) -> bool:

@@ -47,7 +47,7 @@ from io import BytesIO
 from typing import Protocol
 
 from ..headerfields import header_block
-from .base import RecipientDsn, conceal_destinations, decode_xtext, is_xtext, orcpt_parts
+from .base import RecipientDsn, conceal_destinations, decode_xtext, for_the_sender, is_xtext, orcpt_parts
 
 DSN_POLICY = compat32.clone(linesep="\r\n")
 HEADER_LINE = re.compile(rb"[!-9;-~]+[ \t]*:|[ \t]")  # a field start or a continuation
@@ -258,7 +258,8 @@ def _as_the_sender_knows_them(original: Original, failures: Sequence[tuple[str, 
             address = conceal_destinations(decode_xtext(orcpt[1]), original.aliases)
             original_recipient = f"{orcpt[0]}; {_ascii(address)}"
         rows.append(_Row(alias, original_recipient, status,
-                         conceal_destinations(diagnostic, original.aliases)))
+                         for_the_sender(conceal_destinations(diagnostic, original.aliases),
+                                        alias)))
     return rows
 
 

@@ -38,12 +38,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-from ..smtpd import replies
-from ..smtpd.replies import Reply
-from .base import Message, new_queue_id
+from ..reply import Reply, queued
+from .base import Message, for_the_sender, new_queue_id
 from .client import RELAYED_WITHOUT_DSN, ClientSettings, SmtpClient
 from .connections import ConnectionCache
 from .dsn import Original, build_dsn, failures_from_reasons, should_bounce, wants_dsn
+from .report import Report, log_notification, log_queued, log_removed
 from .retry import AttemptResult, RetryPolicy
 from .routing import Router
 from .spool import Spool, SpooledMessage, SpoolError, SpoolNotFound, record_delivery
@@ -84,15 +84,17 @@ class PassThroughDelivery:
         self._late: set[asyncio.Task[None]] = set()
 
     async def deliver(self, message: Message) -> Reply:
+        arrived = self.clock()
         late: list[Late] = []
         outcomes = await self.attempt(message, message.recipients, self.passthrough_timeout,
-                                      late=late.append)
+                                      late=late.append, arrived=arrived)
         if not late:
-            return await self.acknowledge(message, outcomes)
+            reply, _ = await self._acknowledge(message, outcomes, arrived=arrived)
+            return reply
         self.spool.mark_in_flight(message.queue_id)
         try:
             busy_until = self.clock() + self.client.command_timeout + LATE_MARGIN
-            reply, spooled = await self._acknowledge(message, outcomes, busy_until)
+            reply, spooled = await self._acknowledge(message, outcomes, busy_until, arrived)
         except BaseException:
             for work in late:
                 work.cancel()
@@ -123,15 +125,19 @@ class PassThroughDelivery:
 
     async def attempt(self, message: Message, recipients: Sequence[str], timeout: float | None,
                       on_delivered: OnDelivered | None = None,
-                      late: Callable[[Late], object] | None = None) -> dict[str, Reply]:
+                      late: Callable[[Late], object] | None = None,
+                      arrived: float | None = None) -> dict[str, Reply]:
         """Offer the message to ``recipients``, a transaction per next hop; a Reply per recipient.
 
         :data:`TIMED_OUT` means exactly that the deadline expired first; a
         transaction that raised gets the exception's own (temporary)
         failure, so the spool and the operator see the true reason.  See
         :mod:`.transactions` for grouping, fallback, the deadline and ``late``.
+        Each recipient's outcome is logged, its ``delay`` counted from
+        ``arrived`` (default: now).
         """
-        return await Offer(self.router, self.smtp, message, on_delivered).run(
+        report = Report(message, self.clock() if arrived is None else arrived, self.clock)
+        return await Offer(self.router, self.smtp, message, on_delivered, report).run(
             recipients, timeout, late)
 
     async def _record_late(self, message: Message, late: list[Late], spooled: bool) -> None:
@@ -151,6 +157,7 @@ class PassThroughDelivery:
         except asyncio.CancelledError:
             for work in late:
                 work.cancel()
+                work.abandoned()
             log.warning("%s: stopped waiting for the answer to the final dot; spooled, retried "
                         "later", queue_id)
             raise
@@ -164,9 +171,6 @@ class PassThroughDelivery:
         delivered = [r for r, reply in outcomes.items() if reply.is_success]
         failed = {r: reply for r, reply in outcomes.items() if reply.is_permanent}
         deferred = {r: str(reply) for r, reply in outcomes.items() if reply.is_temporary}
-        for rcpt in delivered:
-            log.info("%s: to=<%s>, status=sent (answered after the pass-through deadline)",
-                     queue_id, rcpt)
         if delivered:
             await asyncio.to_thread(record_delivery, self.spool, queue_id, delivered)
         if failed:
@@ -178,7 +182,8 @@ class PassThroughDelivery:
                 self.spool.report_error(queue_id, e, "cannot record the refusal")
         await self._report_relayed(message, outcomes)
         try:
-            await asyncio.to_thread(self.spool.settle, queue_id, deferred)
+            if await asyncio.to_thread(self.spool.settle, queue_id, deferred) is None:
+                log_removed(queue_id)
         except SpoolNotFound:
             log.info("%s: no longer in the spool (deleted meanwhile)", queue_id)
         except SpoolError as e:
@@ -191,37 +196,46 @@ class PassThroughDelivery:
         return reply
 
     async def _acknowledge(self, message: Message, outcomes: Mapping[str, Reply],
-                           busy_until: float = 0.0) -> tuple[Reply, bool]:
-        """The reply to the sender, and whether the message was spooled."""
+                           busy_until: float = 0.0,
+                           arrived: float | None = None) -> tuple[Reply, bool]:
+        """The reply to the sender, and whether the message was spooled.
+
+        The deferred remainder is spooled with each recipient's reply as its
+        last error (``queue show`` says why at once, not after the first
+        retry), and with ``arrived`` as its arrival time (default: now).
+        """
         deferred = [r for r, reply in outcomes.items() if reply.is_temporary]
         failed = {r: reply for r, reply in outcomes.items() if reply.is_permanent}
         delivered = [r for r, reply in outcomes.items() if reply.is_success]
-        log.info("%s: delivered=%d deferred=%d failed=%d", message.queue_id, len(delivered),
-                 len(deferred), len(failed))
         if not deferred and not failed:
             await self._report_relayed(message, outcomes)
-            return replies.queued(message.queue_id), False
+            return queued(message.queue_id), False
         if not delivered and not deferred:
             return next(iter(failed.values())), False
         timed_out = any(reply is TIMED_OUT for reply in outcomes.values())
         if not delivered and not failed and not timed_out:
             first = outcomes[deferred[0]]
-            return Reply(451, first.status or "4.4.1", first.text), False
+            text = for_the_sender(first.text, message.alias_of(deferred[0]))
+            return Reply(451, first.status or "4.4.1", text), False
         spooled = False
         try:  # fsync in a thread: the event loop keeps serving other clients
             if deferred:
                 now = self.clock()
                 next_attempt = max(self.retry_policy.next_attempt(now, 0, now), busy_until)
-                await asyncio.to_thread(self.spool.put, message, deferred, now, next_attempt,
-                                        busy_until=busy_until)
+                await asyncio.to_thread(
+                    self.spool.put, message, deferred, now if arrived is None else arrived,
+                    next_attempt, busy_until=busy_until,
+                    errors={r: str(outcomes[r]) for r in deferred})
                 spooled = True
+                log_queued(message.queue_id, message.sender, len(message.content),
+                           len(deferred))
             if failed:
                 await asyncio.to_thread(self.send_dsn, message, failed)
         except SpoolError as e:
             log.error("%s: cannot spool: %s", message.queue_id, e)
             return SPOOL_FAILED, spooled
         await self._report_relayed(message, outcomes)
-        return replies.queued(message.queue_id), spooled
+        return queued(message.queue_id), spooled
 
     async def _report_relayed(self, original: Original, outcomes: Mapping[str, Reply]) -> None:
         """A "relayed" DSN for destinations whose NOTIFY=SUCCESS the next hop could not take.
@@ -252,7 +266,8 @@ class PassThroughDelivery:
             return asyncio.to_thread(record_delivery, self.spool, spooled.queue_id, accepted)
 
         outcomes = await self.attempt(spooled.message(), spooled.pending,
-                                      timeout=self.attempt_timeout, on_delivered=record)
+                                      timeout=self.attempt_timeout, on_delivered=record,
+                                      arrived=spooled.created)
         await self._report_relayed(spooled, outcomes)
         return AttemptResult(
             delivered={r for r, reply in outcomes.items() if reply.is_success},
@@ -288,5 +303,8 @@ class PassThroughDelivery:
                             now=now, relayed=relayed)
         dsn = Message(queue_id=new_queue_id(), sender="", recipients=(original.bounce_to,),
                       content=content, smtputf8=not original.bounce_to.isascii(),
-                      body="" if content.isascii() else "8BITMIME")
+                      body="" if content.isascii() else "8BITMIME",
+                      original_queue_id=original.queue_id)
         self.spool.put(dsn, dsn.recipients, now, now)
+        log_notification(original.queue_id, dsn.queue_id, relayed=relayed)
+        log_queued(dsn.queue_id, dsn.sender, len(content), len(dsn.recipients))

@@ -35,6 +35,11 @@ may at worst bounce twice or retry a deferred recipient early):
 Like Postfix, an expired message still gets its due attempt first, so mail
 that became deliverable at the last moment is delivered, not bounced.
 
+The attempt callback logs each recipient's outcome (one Postfix-style line
+per recipient: :mod:`.report`); the scheduler logs only what it decides
+itself: a deferral at its deadline or after a crash of the callback,
+``status=expired`` and ``removed``.
+
 A message is not attempted while an attempt of the same process is still
 waiting for a next hop's answer to its final dot (:meth:`.spool.Spool.in_flight`),
 nor before its ``busy_until`` (the same, from another process).  Only one
@@ -51,9 +56,10 @@ from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 
-from ..smtpd.replies import Reply
+from ..reply import Reply
 from .base import domain_of, internal_failure
 from .dsn import EXPIRED, should_bounce, wants_dsn
+from .report import Report, log_expired, log_removed
 from .spool import (
     Spool,
     SpoolCorrupt,
@@ -147,6 +153,8 @@ class _Round:
     outstanding: int = 0  # destination attempts not finished yet
     results: list[AttemptResult] = field(default_factory=list)
     attempted: set[str] = field(default_factory=set)
+    # Deferrals the scheduler made itself (deadline, crash): not logged by the attempt.
+    unreported: dict[str, Reply] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -370,19 +378,20 @@ class RetryScheduler:
         if not pending:
             return AttemptResult()
         r.attempted.update(pending)
-        result = await self._attempt(replace(message, pending=pending))
+        result = await self._attempt(replace(message, pending=pending), r)
         delivered = [rcpt for rcpt in pending if rcpt in result.delivered]
-        for rcpt in delivered:
-            log.info("%s: to=<%s>, status=sent", queue_id, rcpt)
         if delivered:
             await asyncio.to_thread(record_delivery, self.spool, queue_id, delivered)
         return result
 
-    async def _attempt(self, message: SpooledMessage) -> AttemptResult:
+    async def _attempt(self, message: SpooledMessage, r: _Round) -> AttemptResult:
         """The callback's result within the deadline; a crash in it defers everyone.
 
         The reason recorded names the exception, and its traceback is logged
-        once, not on each of the many passes until the message expires.
+        once, not on each of the many passes until the message expires.  The
+        callback logs each recipient's outcome; the deferrals made here are
+        logged once the round is recorded (:meth:`_record`), for the
+        recipients the callback had not delivered meanwhile.
         """
         try:
             if self.attempt_timeout is None:
@@ -393,10 +402,11 @@ class RetryScheduler:
         except TimeoutError:
             log.warning("%s: attempt to %s stopped at its deadline", message.queue_id,
                         ",".join(message.pending))
-            return AttemptResult(deferred={r: str(ATTEMPT_DEADLINE) for r in message.pending})
+            reply = ATTEMPT_DEADLINE
         except Exception as error:  # noqa: BLE001  (internal_failure logs it)
-            reason = str(internal_failure(message.queue_id, error))
-            return AttemptResult(deferred={r: reason for r in message.pending})
+            reply = internal_failure(message.queue_id, error)
+        r.unreported.update({rcpt: reply for rcpt in message.pending})
+        return AttemptResult(deferred={rcpt: str(reply) for rcpt in message.pending})
 
     # --- one message, once its destinations were tried
 
@@ -424,16 +434,16 @@ class RetryScheduler:
         message = await asyncio.to_thread(self.spool.get, queue_id)
         result = merged(r.results)
         if r.attempted:
-            message = await self._record(message, result, r.attempted)
+            message = await self._record(message, result, r.unreported)
             deferred = {rcpt: _deferral(result, rcpt) for rcpt in message.pending
                         if rcpt in r.attempted}
         else:
             deferred = {}
         if not message.pending:
             await asyncio.to_thread(self.spool.remove, queue_id)
-            log.info("%s: removed", queue_id)
+            log_removed(queue_id)
         elif self.policy.expired(message.created, now) and await self._expire(message, deferred):
-            log.info("%s: removed (expired)", queue_id)
+            log_removed(queue_id)
         else:
             attempts = message.attempts + 1
             next_at = self.policy.next_attempt(message.created, attempts, now)
@@ -447,8 +457,12 @@ class RetryScheduler:
                 self.spool.report_error(queue_id, e, "cannot reschedule")
 
     async def _record(self, message: SpooledMessage, result: AttemptResult,
-                      attempted: Set[str]) -> SpooledMessage:
-        """Mark delivered (if not yet), then bounce and mark failed; returns the updated message."""
+                      unreported: Mapping[str, Reply]) -> SpooledMessage:
+        """Mark delivered (if not yet), then bounce and mark failed; returns the updated message.
+
+        The scheduler's own deferrals (``unreported``) are logged for the
+        recipients still pending.
+        """
         delivered = [r for r in message.pending if r in result.delivered]
         if delivered:
             await asyncio.to_thread(record_delivery, self.spool, message.queue_id, delivered)
@@ -457,10 +471,8 @@ class RetryScheduler:
         if failures and await self._bounce(message, failures):
             message = await asyncio.to_thread(self.spool.mark_failed, message.queue_id,
                                               failures)
-        for rcpt in message.pending:
-            if rcpt in attempted:
-                log.info("%s: to=<%s>, status=deferred (%s)", message.queue_id, rcpt,
-                         _deferral(result, rcpt))
+        Report(message, message.created, self.clock).outcomes(
+            {rcpt: unreported[rcpt] for rcpt in message.pending if rcpt in unreported})
         return message
 
     async def _expire(self, message: SpooledMessage, last_errors: Mapping[str, str]) -> bool:
@@ -469,13 +481,18 @@ class RetryScheduler:
                     for r in message.pending}
         if not await self._bounce(message, failures):
             return False
+        returned = should_bounce(message.bounce_to) and any(
+            wants_dsn(message, r, "FAILURE") for r in failures)
+        log_expired(message.queue_id, message.sender, len(failures), returned=returned)
         await asyncio.to_thread(self.spool.remove, message.queue_id)
         return True
 
     async def _bounce(self, message: SpooledMessage, failures: Mapping[str, str]) -> bool:
-        """Send a DSN (when the sender may get one); False if that failed, to retry later."""
-        for rcpt, reason in failures.items():
-            log.info("%s: to=<%s>, status=bounced (%s)", message.queue_id, rcpt, reason)
+        """Send a DSN (when the sender may get one); False if that failed, to retry later.
+
+        The failures themselves were logged by the attempt (``status=bounced``)
+        or are logged by :meth:`_expire` (``status=expired``).
+        """
         if not should_bounce(message.bounce_to):
             log.info("%s: no bounce to sender <%s>", message.queue_id, message.bounce_to)
             return True

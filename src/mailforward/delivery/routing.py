@@ -39,7 +39,7 @@ from ..addresses import normalize_domain
 from ..dns import DnsTemporaryError, make_resolver, resolve
 from ..errors import AddressError, MailforwardError
 from ..hostport import DEFAULT_SMTP_PORT, ip_address_text, parse_relayhost
-from ..smtpd.replies import Reply
+from ..reply import Reply
 
 DEFAULT_PORT = DEFAULT_SMTP_PORT
 

@@ -11,8 +11,10 @@ directory.  The file is a single line of ASCII JSON (the envelope, see
 envelope records the content length, so a truncated file is detected even
 without reading the content.  Fields added later (``aliases``; ``body``,
 ``dsn_ret``, ``dsn_envid`` and the per-destination ``dsn`` parameters of
-RFC 3461, which retries and their bounces honour) are optional when
-reading, so files written before them still load.
+RFC 3461, which retries and their bounces honour; ``original_queue_id``, the
+message a DSN of ours reports on) are optional when reading, so files
+written before them still load.  ``errors`` holds each pending recipient's
+last reply, from the pass-through attempt on.
 
 Every write goes to a temp file (``.tmp-<queue id>-<pid>-<random>``) in the
 same directory, is flushed and fsynced, renamed over (or linked to) the final
@@ -25,6 +27,12 @@ Read-modify-write operations (:meth:`Spool.mark_delivered`, ...) and removal
 hold an exclusive ``flock`` on ``.lock`` in the directory, so a CLI command
 and the running server (or two threads) cannot undo each other's updates --
 a lost ``delivered`` mark would mean sending twice.
+
+**Read-only.**  ``Spool(directory, read_only=True)`` (``queue list`` and
+``show``) creates nothing: no directory, no lock file, no ``corrupt/``; it
+removes no temp file and moves no corrupt file aside (it skips it, with a
+warning).  A missing directory raises :class:`SpoolMissing`, as it does with
+``create=False`` (``queue flush`` and ``delete``, which write).
 
 **The index.**  A :class:`Spool` keeps every envelope in memory: the
 headers are read once (the first :meth:`Spool.list`), and its own writes
@@ -89,6 +97,10 @@ class SpoolCorrupt(SpoolError):
     """The spool file did not parse; it has been moved to ``corrupt/``."""
 
 
+class SpoolMissing(SpoolError):
+    """The spool directory does not exist (and was not to be created)."""
+
+
 class InvalidQueueId(SpoolError):
     """A queue id with characters other than [A-Z0-9]: refused so no path escapes."""
 
@@ -124,6 +136,7 @@ class SpoolEntry:
     dsn: Mapping[str, RecipientDsn] = field(default_factory=dict)  # destination -> NOTIFY, ORCPT
     # An attempt past its final dot may still be answered until then: no retry before.
     busy_until: float = 0.0
+    original_queue_id: str = ""  # a DSN of ours: the queue id of the message it reports on
 
     @property
     def bounce_to(self) -> str:
@@ -149,7 +162,7 @@ class SpooledMessage(SpoolEntry):
         return Message(self.queue_id, self.sender, self.pending, self.content,
                        self.client_ip, self.smtputf8, self.original_sender, self.aliases,
                        body=self.body, dsn_ret=self.dsn_ret, dsn_envid=self.dsn_envid,
-                       dsn=self.dsn)
+                       dsn=self.dsn, original_queue_id=self.original_queue_id)
 
 
 Entries = list[SpoolEntry]  # spelled out here: inside Spool, ``list`` is the method
@@ -169,13 +182,22 @@ def _stamp(st: os.stat_result) -> Stamp:
 
 
 class Spool:
-    """A directory of spooled messages; see the module docstring for the format."""
+    """A directory of spooled messages; see the module docstring for the format.
 
-    def __init__(self, directory: Path) -> None:
+    The directory is created unless ``create`` is False; ``read_only``
+    (which implies it) changes nothing on disk at all.  Either raises
+    :class:`SpoolMissing` when the directory does not exist.
+    """
+
+    def __init__(self, directory: Path, *, create: bool = True, read_only: bool = False) -> None:
         self.directory = Path(directory)
         self.corrupt_directory = self.directory / CORRUPT_DIR
+        self.read_only = read_only
         try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if create and not read_only:
+                self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            elif not self.directory.exists():
+                raise SpoolMissing(f"spool directory {self.directory} does not exist")
             if not self.directory.is_dir():
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(self.directory))
         except OSError as e:
@@ -188,7 +210,8 @@ class Spool:
         self._postponed: dict[str, float] = {}  # next attempt the disk would not take
         self._in_flight: set[str] = set()  # queue ids an attempt past its final dot still holds
         self._reported: set[str] = set()  # queue ids whose disk error is in the log
-        self._clean_temp_files()
+        if not read_only:
+            self._clean_temp_files()
 
     # --- public API
 
@@ -220,7 +243,7 @@ class Spool:
             original_sender=message.original_sender, aliases=dict(message.aliases),
             smtputf8=message.smtputf8, body=message.body, dsn_ret=message.dsn_ret,
             dsn_envid=message.dsn_envid, dsn=dict(message.dsn), content=bytes(message.content),
-            busy_until=busy_until)
+            busy_until=busy_until, original_queue_id=message.original_queue_id)
         self._write(spooled, exclusive=True)
         return spooled
 
@@ -382,6 +405,7 @@ class Spool:
 
     def _write(self, message: SpooledMessage, *, exclusive: bool) -> None:
         """Write atomically: temp file, fsync, rename (or link if new), fsync the directory."""
+        self._check_writable()
         final = self._path(message.queue_id)
         temp = self.directory / (f"{TEMP_PREFIX}{message.queue_id}-{os.getpid()}-"
                                  f"{secrets.token_hex(4)}")
@@ -508,13 +532,17 @@ class Spool:
         except ValueError as e:
             self._move_aside(path, str(e))
             self._forget(path.name)
-            raise SpoolCorrupt(f"{path.name}: corrupt spool file moved aside: {e}") from e
+            where = "left in place" if self.read_only else "moved aside"
+            raise SpoolCorrupt(f"{path.name}: corrupt spool file {where}: {e}") from e
         if with_content:
             return SpooledMessage(**vars(entry), content=content), _stamp(st)
         return entry, _stamp(st)
 
     def _move_aside(self, path: Path, reason: str) -> None:
         """Keep a corrupt file for the operator in ``corrupt/``; never delete mail."""
+        if self.read_only:
+            log.warning("%s: corrupt spool file (%s), skipped", path.name, reason)
+            return
         try:
             self.corrupt_directory.mkdir(mode=0o700, exist_ok=True)
             target = self.corrupt_directory / path.name
@@ -546,6 +574,7 @@ class Spool:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         """An exclusive flock on ``.lock``: serialises read-modify-write across processes."""
+        self._check_writable()
         try:
             fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
@@ -555,6 +584,10 @@ class Spool:
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise SpoolError(f"spool directory {self.directory}: opened read-only")
 
     @staticmethod
     def _fsync_directory(directory: Path) -> None:
@@ -604,6 +637,8 @@ def _encode_header(message: SpoolEntry) -> bytes:
     }
     if message.busy_until:
         header["busy_until"] = message.busy_until
+    if message.original_queue_id:
+        header["original_queue_id"] = message.original_queue_id
     # ensure_ascii: the line can never contain a raw newline or invalid UTF-8
     return json.dumps(header, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
 
@@ -633,7 +668,8 @@ def _decode_header(line: bytes, name: str) -> SpoolEntry:
         dsn_ret=_choice(data, "dsn_ret", ("", "FULL", "HDRS")),
         dsn_envid=_field(data, "dsn_envid", str) if "dsn_envid" in data else "",
         dsn=_recipient_dsn(data),
-        busy_until=_number(data, "busy_until") if "busy_until" in data else 0.0)
+        busy_until=_number(data, "busy_until") if "busy_until" in data else 0.0,
+        original_queue_id=_original_queue_id(data))
 
 
 T = TypeVar("T")
@@ -679,6 +715,14 @@ def _choice(data: dict[str, Any], key: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"bad field {key!r}")
     return str(value)
+
+
+def _original_queue_id(data: dict[str, Any]) -> str:
+    """A DSN's ``original_queue_id``: absent (ordinary mail, older files) is ""."""
+    value = data.get("original_queue_id", "")
+    if not isinstance(value, str) or (value and not QUEUE_ID_RE.fullmatch(value)):
+        raise ValueError("bad field 'original_queue_id'")
+    return value
 
 
 def _recipient_dsn(data: dict[str, Any]) -> dict[str, RecipientDsn]:

@@ -21,20 +21,25 @@
   records when they come (pass-through: the sender gets its answer on time).
 
 Recipients a hop accepted are reported to ``on_delivered`` as soon as that
-transaction ends, not after the slowest one.
+transaction ends, not after the slowest one.  Each recipient's outcome is
+logged (:class:`.report.Report`: one Postfix-style line per recipient) as
+soon as it is known: when its transaction ends, when routing or the deadline
+decides it, or -- handed over as :class:`Late` -- when its answer comes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from ..smtpd.replies import Reply
+from ..reply import Reply
 from .base import Message, domain_of, internal_failure
 from .client import Commit, SmtpClient, TryNextHop, refuse_unwritable
+from .report import Report
 from .routing import NextHop, Router
 
 log = logging.getLogger(__name__)
@@ -77,23 +82,36 @@ class Late:
     """Transactions past their final dot when the deadline came, still running."""
 
     message: Message
-    jobs: list[tuple[asyncio.Task[dict[str, Reply]], list[str]]]
+    jobs: list[tuple[asyncio.Task[dict[str, Reply]], _Job]]
+    report: Report
+    reported: bool = False  # the outcomes are in the log
 
     @property
     def recipients(self) -> list[str]:
-        return [rcpt for _, rcpts in self.jobs for rcpt in rcpts]
+        return [rcpt for _, job in self.jobs for rcpt in job.recipients]
 
     async def outcomes(self) -> dict[str, Reply]:
-        """A reply per recipient once every transaction has its answer."""
+        """A reply per recipient once every transaction has its answer (each logged)."""
         await asyncio.wait([task for task, _ in self.jobs])
         results: dict[str, Reply] = {}
-        for task, rcpts in self.jobs:
-            results.update(_finished(self.message, task, rcpts))
+        for task, job in self.jobs:
+            outcome = _finished(self.message, task, job.recipients)
+            _report(self.report, job, outcome)
+            results.update(outcome)
+        self.reported = True
         return results
 
     def cancel(self) -> None:
         for task, _ in self.jobs:
             task.cancel()
+
+    def abandoned(self) -> None:
+        """Log the recipients as deferred: their answer will not be waited for (shutdown)."""
+        if self.reported:
+            return
+        self.reported = True
+        for _, job in self.jobs:
+            self.report.outcomes({rcpt: TIMED_OUT for rcpt in job.recipients}, job.commit.relay)
 
 
 def _finished(message: Message, task: asyncio.Task[dict[str, Reply]],
@@ -109,15 +127,25 @@ def _finished(message: Message, task: asyncio.Task[dict[str, Reply]],
     return task.result()
 
 
+def _report(report: Report, job: _Job, outcome: dict[str, Reply]) -> None:
+    """Log a transaction's outcome: the hop it reached, and its answer to the final dot."""
+    report.outcomes(outcome, job.commit.relay, job.commit.answer)
+
+
 class Offer:
-    """Offer ``message`` to some of its recipients (see the module docstring)."""
+    """Offer ``message`` to some of its recipients (see the module docstring).
+
+    ``report`` logs each recipient's outcome (by default: the message
+    arrived when the offer was made).
+    """
 
     def __init__(self, router: Router, client: SmtpClient, message: Message,
-                 on_delivered: OnDelivered | None = None) -> None:
+                 on_delivered: OnDelivered | None = None, report: Report | None = None) -> None:
         self.router = router
         self.client = client
         self.message = message
         self.on_delivered = on_delivered
+        self.report = report if report is not None else Report(message, time.time())
         self._tasks: dict[asyncio.Task[dict[str, Reply]], _Job] = {}
 
     async def run(self, recipients: Sequence[str], timeout: float | None,
@@ -125,9 +153,27 @@ class Offer:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         results = refuse_unwritable(self.message, recipients)
+        self.report.outcomes(results)
         offered = [rcpt for rcpt in recipients if rcpt not in results]
         if not offered:
             return results
+        routed, members = await self._route(offered, loop, deadline)
+        self.report.outcomes(routed)
+        results.update(routed)
+        if not members:
+            return results
+        self._launch(members)
+        try:
+            await self._until(deadline, results)
+        except BaseException:  # cancelled ourselves: nothing may keep running unseen
+            for task in self._tasks:
+                task.cancel()
+            raise
+        return await self._past_deadline(results, late)
+
+    async def _route(self, offered: list[str], loop: asyncio.AbstractEventLoop,
+                     deadline: float | None) -> tuple[dict[str, Reply], list[_Member]]:
+        """The next hops of ``offered``, by domain; a reply for those that have none."""
         domains = group_by_domain(offered)
         routing = asyncio.ensure_future(self.router.routes(list(domains)))
         try:
@@ -137,14 +183,11 @@ class Offer:
             raise
         if not done:
             routing.cancel()
-            results.update({rcpt: TIMED_OUT for rcpt in offered})
-            return results
-        if routing.exception() is not None:
-            error = routing.exception()
-            assert error is not None
-            results.update({rcpt: internal_failure(self.message.queue_id, error)
-                            for rcpt in offered})
-            return results
+            return {rcpt: TIMED_OUT for rcpt in offered}, []
+        error = routing.exception()
+        if error is not None:
+            return {rcpt: internal_failure(self.message.queue_id, error) for rcpt in offered}, []
+        results: dict[str, Reply] = {}
         members: list[_Member] = []
         for domain, route in routing.result().items():
             if isinstance(route, Reply):
@@ -153,14 +196,7 @@ class Offer:
                 results.update({rcpt: NO_NEXT_HOP for rcpt in domains[domain]})
             else:
                 members.append((route, domains[domain]))
-        self._launch(members)
-        try:
-            await self._until(deadline, results)
-        except BaseException:  # cancelled ourselves: nothing may keep running unseen
-            for task in self._tasks:
-                task.cancel()
-            raise
-        return await self._past_deadline(results, late)
+        return results, members
 
     def _launch(self, members: Sequence[_Member]) -> None:
         """A transaction per first next hop (address, port) of ``members``."""
@@ -195,33 +231,40 @@ class Offer:
                 if isinstance(error, TryNextHop):
                     self._next_hop(job, error.reply, results)
                 else:
-                    results.update(_finished(self.message, task, job.recipients))
+                    outcome = _finished(self.message, task, job.recipients)
+                    _report(self.report, job, outcome)
+                    results.update(outcome)
 
     def _next_hop(self, job: _Job, reply: Reply, results: dict[str, Reply]) -> None:
         log.info("%s: %s", self.message.queue_id, reply)
         onward: list[_Member] = []
+        exhausted: dict[str, Reply] = {}
         for hops, rcpts in job.members:
             if len(hops) > 1:
                 onward.append((hops[1:], rcpts))
             else:
-                results.update({rcpt: reply for rcpt in rcpts})
+                exhausted.update({rcpt: reply for rcpt in rcpts})
+        _report(self.report, job, exhausted)
+        results.update(exhausted)
         if onward:
             self._launch(onward)
 
     async def _past_deadline(self, results: dict[str, Reply],
                              late: Callable[[Late], object] | None) -> dict[str, Reply]:
         """Cancel what has not sent its final dot; await or hand over what has."""
-        committed: list[tuple[asyncio.Task[dict[str, Reply]], list[str]]] = []
+        committed: list[tuple[asyncio.Task[dict[str, Reply]], _Job]] = []
         for task, job in self._tasks.items():
             if job.commit.past_dot:
-                committed.append((task, job.recipients))
+                committed.append((task, job))
             else:
                 task.cancel()
-                results.update({rcpt: TIMED_OUT for rcpt in job.recipients})
+                timed_out = {rcpt: TIMED_OUT for rcpt in job.recipients}
+                _report(self.report, job, timed_out)
+                results.update(timed_out)
         self._tasks.clear()
         if not committed:
             return results
-        still = Late(self.message, committed)
+        still = Late(self.message, committed, self.report)
         if late is None:
             try:
                 results.update(await still.outcomes())

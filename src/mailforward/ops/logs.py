@@ -33,6 +33,8 @@ PROGRAMS = (
     ("mailforward.smtpd", "smtpd"),
     ("mailforward.delivery.retry", "qmgr"),
     ("mailforward.delivery.spool", "qmgr"),
+    ("mailforward.delivery.qmgr", "qmgr"),
+    ("mailforward.delivery.bounce", "bounce"),
     ("mailforward.delivery", "smtp"),
     ("mailforward.auth", "auth"),
     ("mailforward.srs_tcp", "srs"),
@@ -142,7 +144,20 @@ def log_recipient(logger: logging.Logger, queue_id: str, recipient: str, *, rela
                   delay: float, dsn: str, status: str, reply_text: str,
                   orig_to: str = "") -> None:
     """One delivery outcome, Postfix's smtp(8) line: status is sent, deferred or bounced."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
     original = f", orig_to=<{printable(orig_to)}>" if orig_to and orig_to != recipient else ""
-    logger.info("%s: to=<%s>%s, relay=%s, delay=%.2g, dsn=%s, status=%s (%s)", queue_id,
-                printable(recipient), original, relay or "none", delay, dsn or "4.0.0", status,
-                printable(reply_text))
+    logger.info("%s: to=<%s>%s, relay=%s, delay=%s, dsn=%s, status=%s (%s)", queue_id,
+                printable(recipient), original, relay or "none", format_delay(delay),
+                dsn or "4.0.0", status, printable(reply_text))
+
+
+def format_delay(seconds: float) -> str:
+    """Postfix's ``delay=``: whole seconds from 10 s on, else two significant digits, to 0.01 s.
+
+    Never an exponent (``%.2g`` alone writes 120 as ``1.2e+02``, which no log reader parses).
+    """
+    seconds = max(0.0, seconds)
+    if seconds >= 10:
+        return str(int(seconds))
+    return f"{round(seconds, 2):.2g}"

@@ -9,22 +9,19 @@ replies here and nowhere else (:func:`reply_for_error`).
 from __future__ import annotations
 
 from ..errors import DmarcRejected, SpfRejected, TemporaryLookupError
-from ..reply import Reply, printable
+from ..reply import OK, Reply, printable, queued
 
-__all__ = ["Reply", "printable"]  # re-exported: the value type lives in ``mailforward.reply``
+# Re-exported: the value type and the acknowledgement delivery also needs live in
+# ``mailforward.reply``, which ``delivery/`` imports instead of this module.
+__all__ = ["OK", "Reply", "printable", "queued"]
 
 
-# --- success
-OK = Reply(250, "2.0.0", "Ok")
+# --- success (OK and queued() are in ``mailforward.reply``)
 SENDER_OK = Reply(250, "2.1.0", "Ok")
 RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 BYE = Reply(221, "2.0.0", "Bye")
 READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
-
-
-def queued(queue_id: str) -> Reply:
-    return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
 
 # --- policy rejections (texts are Postfix's; ``.about(address)`` adds the address)
