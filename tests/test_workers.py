@@ -9,6 +9,7 @@ helpers here are used by ``test_signals.py`` too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -354,3 +355,87 @@ def test_spooled_mail_is_retried_by_one_process_only(
     removed = served.find(r"\[(\d+)\]: .*?([0-9A-F]+): removed")
     assert sorted(m.group(2) for m in removed) == sorted(ids)
     assert {m.group(1) for m in removed} == {str(served.workers()[0])}
+
+
+# ---------------------------------------------------------------- [limits] across workers
+
+
+@contextlib.contextmanager
+def only_worker(served: Serve, index: int) -> Iterator[int]:
+    """Every connection meanwhile goes to worker ``index`` (its pid is yielded): the others
+    are stopped (SIGSTOP) and accept nothing; the one accept queue is theirs again after."""
+    pids = served.workers()
+    others = [pid for i, pid in pids.items() if i != index]
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        for pid in others:
+            wait_until(lambda pid=pid: state(pid) == "T", f"worker pid {pid} stopped")
+        yield pids[index]
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
+
+
+def state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def attempt(port: int, tag: str) -> str:
+    """One message over a new connection: the refusal of MAIL, else the reply to the dot."""
+    client = Client(port)
+    try:
+        assert client.reply().startswith("220")
+        assert client.command("EHLO client.ext.test").startswith("250")
+        answer = client.command("MAIL FROM:<sender@ext.test>")
+        if answer.startswith("250"):
+            assert client.command("RCPT TO:<alice@example.org>").startswith("250")
+            assert client.command("DATA").startswith("354")
+            client.sock.sendall(message(tag) + b".\r\n")
+            answer = client.reply()
+        client.command("QUIT")
+        return answer
+    finally:
+        client.close()
+
+
+def test_sender_rate_limit_is_exact_across_workers(
+        tmp_path: Path, database: DatabaseSettings, sink: Sink) -> None:
+    served = Serve(write_config(tmp_path, database, sink.port, "workers = 2",
+                                "[limits]\nsender_message_rate_limit = 5\ntime_unit = 3600"))
+    try:
+        answers: dict[str, list[str]] = {}
+        with only_worker(served, 0) as first:  # 3 of the sender's messages through worker 0
+            answers[str(first)] = [attempt(served.port, f"rate-{n}") for n in range(3)]
+        with only_worker(served, 1) as second:  # then 5 through worker 1, which saw none
+            answers[str(second)] = [attempt(served.port, f"rate-{n}") for n in range(3, 8)]
+        replies = [*answers[str(first)], *answers[str(second)]]
+        assert [r[:3] for r in replies] == ["250"] * 5 + ["450"] * 3, replies
+        assert replies[-1].startswith("450 4.7.1 <sender@ext.test>: Sender address rejected")
+        assert len(sink.envelopes) == 5
+        # each worker answered the ones sent while it was the only one accepting
+        for pid, count in ((first, 3), (second, 5)):
+            assert len(served.find(rf"\[{pid}\]: .*client=unknown\[127\.0\.0\.1\]")) \
+                + len(served.find(rf"\[{pid}\]: NOQUEUE: reject: MAIL")) == count
+        assert len(served.find(r"limits: counters and duplicate cache in the supervisor")) == 2
+    finally:
+        served.close()
+
+
+def test_a_retry_through_the_other_worker_is_suppressed(
+        tmp_path: Path, database: DatabaseSettings, sink: Sink) -> None:
+    served = start(tmp_path, database, sink, "workers = 2")
+    try:
+        with only_worker(served, 0):
+            assert send(served.port, "retried").startswith("250")
+        assert len(sink.envelopes) == 1
+        with only_worker(served, 1) as second:  # the sender's retry, after our 250 was lost
+            assert send(served.port, "retried").startswith("250")
+            served.wait_for(rf"\[{second}\]: .*duplicate of a message already delivered")
+            assert send(served.port, "another").startswith("250")  # worker 1 does forward
+        assert len(sink.envelopes) == 2
+        subjects = [re.search(rb"Subject: (\S+)", content)[1]  # type: ignore[index]
+                    for _, _, content in sink.envelopes]
+        assert subjects == [b"retried", b"another"]
+    finally:
+        served.close()

@@ -70,6 +70,9 @@ class ServerSettings:
     listen_backlog: int = 1024
     workers: int = field(default_factory=_cpu_count)
     drain_timeout: float = 30.0
+    user: str = ""  # started as root: serve as this user (Postfix mail_owner)
+    group: str = ""  # and this group ("": the user's own)
+    allow_root: bool = False  # serve as root on a port below 1024 when no user is set
 
     def __post_init__(self) -> None:
         if self.forbid_bare_newline not in ("normalize", "reject"):
@@ -88,6 +91,8 @@ class ServerSettings:
                 raise ConfigError(f"[server] mynetworks: {net!r} is not a CIDR network") from None
         if len(self.recipient_delimiter) > 1:
             raise ConfigError("[server] recipient_delimiter: must be one character or empty")
+        if self.group and not self.user:
+            raise ConfigError("[server] group: needs [server] user")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("[server] tls_cert and tls_key: set both or neither")
         _positive(self, "server", "message_size_limit", "recipient_limit",

@@ -318,13 +318,16 @@ async def abuse_from_settings(settings: Settings,
     """The checks ``[limits]`` asks for, bans read once already.  ``await close()`` at the end.
 
     ``store_socket``: in a worker process, its channel to the supervisor's store
-    (``state/shared.py``), used unless Redis is configured.
+    (``state/shared.py``), so that the node's workers count together; the
+    supervisor makes none when ``[limits]`` names Redis (one is closed unused).
     """
     limits = settings.limits
     store: Store
     if store_socket is not None and not limits.shared:
         store = SocketStore(store_socket)
     else:
+        if store_socket is not None:
+            store_socket.close()
         store = open_store(limits)
     bans = BanCache(BanReader(settings.database), limits.ban_cache_ttl)
     checks = AbuseChecks(limits, store, bans, delimiter=settings.server.recipient_delimiter)
@@ -332,17 +335,4 @@ async def abuse_from_settings(settings: Settings,
     where = getattr(store, "description", "this process")
     log.info("limits: counters and duplicate cache in %s; %d bans in force", where,
              len(bans.current))
-    if (not limits.shared and store_socket is None and settings.server.workers > 1
-            and _counts_anything(limits)):
-        log.warning("limits: [server] workers = %d and no [limits] redis_url: each worker "
-                    "counts its own clients, so a client may reach each rate limit once per "
-                    "worker and a retry that reaches another worker is not recognised as a "
-                    "duplicate; set redis_url (a local Redis will do) for exact limits",
-                    settings.server.workers)
     return checks
-
-
-def _counts_anything(limits: LimitsSettings) -> bool:
-    return bool(limits.client_message_rate_limit or limits.client_recipient_rate_limit
-                or limits.sender_message_rate_limit or limits.alias_message_rate_limit
-                or limits.duplicate_window)

@@ -32,6 +32,7 @@ import collections
 import logging
 import socket
 
+from ..channel import LineChannel
 from .limits import ClientLimits
 
 log = logging.getLogger("mailforward.smtpd")
@@ -49,59 +50,16 @@ REFUSED = b"refused"
 # ---------------------------------------------------------------- supervisor side
 
 
-class AnvilChannel:
-    """The supervisor's end of one worker's channel (non-blocking, driven by a selector)."""
+class AnvilChannel(LineChannel):
+    """The supervisor's end of one worker's anvil channel (non-blocking, driven by a selector)."""
+
+    protocol = "anvil"
+    max_line = MAX_LINE
 
     def __init__(self, sock: socket.socket, worker: int) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-        self.worker = worker
+        super().__init__(sock, worker)
         self.ready = False  # the worker said it is serving
         self.held: collections.Counter[str] = collections.Counter()  # admitted, still open
-        self._in = bytearray()
-        self._out = bytearray()
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    @property
-    def wants_write(self) -> bool:
-        return bool(self._out)
-
-    def lines(self) -> list[bytes] | None:
-        """Complete lines received so far; None when the worker's end closed."""
-        try:
-            data = self.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return []
-        except OSError:
-            return None
-        if not data:
-            return None
-        self._in += data
-        *complete, rest = self._in.split(b"\n")
-        if len(rest) > MAX_LINE:
-            log.error("worker %d: anvil protocol error (line too long)", self.worker)
-            return None
-        self._in = bytearray(rest)
-        return [bytes(line) for line in complete]
-
-    def send(self, data: bytes) -> None:
-        self._out += data
-        self.flush()
-
-    def flush(self) -> None:
-        try:
-            sent = self.sock.send(self._out)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._out.clear()  # the worker is gone; its end is read as closed next
-            return
-        del self._out[:sent]
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class AnvilService:

@@ -310,20 +310,23 @@ class MailServer:
 class Service:
     """One process that serves: until SIGTERM/SIGINT (drain), reloading on SIGHUP.
 
-    ``sockets`` and ``anvil`` are given to a worker by the supervisor: the
-    listening sockets it bound, and its channel to the shared client limits.
-    Without them the process binds ``[server] listen`` itself and counts
-    client connections itself.  ``runs_retries``: this process runs the
+    ``sockets`` are the listening sockets bound before (by the supervisor, or
+    by ``serve`` before it dropped privileges); without them the process
+    binds ``[server] listen`` itself.  ``anvil`` and ``store`` are a worker's
+    channels to its supervisor: the shared client connection limits, and
+    the shared ``[limits]`` store (``state/shared.py``); without them the
+    process counts alone.  ``runs_retries``: this process runs the
     spool's retry scheduler (exactly one process per spool may).
     """
 
     def __init__(self, components: Components, config_path: str | None = None, *,
                  sockets: Sequence[socket.socket] = (), anvil: socket.socket | None = None,
-                 runs_retries: bool = True) -> None:
+                 store: socket.socket | None = None, runs_retries: bool = True) -> None:
         self.components = components
         self.config_path = config_path
         self.sockets = sockets
         self.anvil = AnvilClient(anvil) if anvil is not None else None
+        self.store_socket = store
         self.runs_retries = runs_retries
         self.server: MailServer | None = None
         self.abuse: AbuseChecks | None = None  # issue 15: set in run()
@@ -341,7 +344,7 @@ class Service:
         settings = self.components.settings
         delivery, scheduler = build_delivery(settings)  # before the table: nothing to close
         self._table = table = await open_table(settings.database, cached=False)
-        self.abuse = await abuse_from_settings(settings)  # [limits], bans, duplicates
+        self.abuse = await abuse_from_settings(settings, self.store_socket)  # [limits], bans
         retries: asyncio.Task[None] | None = None
         health = None
         try:
@@ -472,11 +475,6 @@ class Service:
         level = apply_log_level(new)
         log.info("reload: %s", "; ".join(["lookup caches flushed", *notes,
                                           *([level] if level else [])]))
-
-
-async def run(settings: Settings, config_path: str | None = None) -> None:
-    """``mailforward serve`` as one process: listen until SIGTERM or SIGINT, then drain."""
-    await Service(Components.load(settings), config_path).run()
 
 
 async def wait_for_signal() -> None:

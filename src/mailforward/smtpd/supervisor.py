@@ -10,6 +10,10 @@ The supervisor serves no mail itself.  It
   replacements keep dying within 30 s, at most 30 s), logged;
 * plays anvil(8): one count of connections per client for all workers
   (``anvil.py``), released when a worker dies with its clients;
+* keeps the ``[limits]`` store when no Redis is configured: one
+  ``MemoryStore`` for the rate windows and the duplicate cache of every
+  worker (``state/shared.py``), so limits and duplicate suppression are
+  exact across workers and outlive a worker's death;
 * forwards SIGTERM, SIGINT and SIGHUP to every worker.  On SIGTERM/SIGINT
   it closes its own copy of the listening sockets, waits while the workers
   drain (killing any still there ``drain_timeout`` + 10 s later), and exits
@@ -21,6 +25,15 @@ The supervisor serves no mail itself.  It
 Worker 0 runs the retry scheduler, as exactly one process per spool must;
 its replacement takes it over when it dies.  Every worker delivers into the
 same spool (one file per message).
+
+Started as root with ``[server] user`` set, the supervisor drops to that
+user after binding and before the first fork (``privilege.py``): no worker
+ever has root.  With one worker the serving process does the same before
+its event loop runs.
+
+Each worker has two channels to the supervisor, Unix socket pairs made
+before its fork: the anvil's and the store's (``channel.py``); one selector
+serves both.
 
 The supervisor runs no event loop and no threads: it forks from a plain
 selector loop, with the forwarded signals blocked around the fork, so a
@@ -45,14 +58,17 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
+from ..channel import LineChannel
 from ..config import Settings, load_settings
 from ..errors import ConfigError, MailforwardError
+from ..state.shared import StoreChannel, StoreService
 from .anvil import AnvilChannel, AnvilService
 from .limits import ClientLimits
-from .server import SERVICE_SIGNALS, Components, Service, apply_log_level, run
+from .privilege import ServiceUser, become, service_user
+from .server import SERVICE_SIGNALS, Components, Service, apply_log_level
 
 log = logging.getLogger("mailforward.smtpd")
 
@@ -67,24 +83,41 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 def serve(settings: Settings, config_path: str | None = None) -> None:
     """``mailforward serve``: until SIGTERM or SIGINT, reloading on SIGHUP."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # no death by SIGHUP before the handlers exist
+    user = service_user(settings.server)  # refused before anything is bound
     if settings.server.workers == 1:
-        asyncio.run(run(settings, config_path))
+        serve_alone(settings, config_path, user)
         return
-    with shared_metrics(settings):
-        Supervisor(settings, config_path).run()
+    with shared_metrics(settings, user):
+        Supervisor(settings, config_path, user).run()
+
+
+def serve_alone(settings: Settings, config_path: str | None, user: ServiceUser | None) -> None:
+    """``[server] workers = 1``: this process binds, drops privileges, then serves."""
+    components = Components.load(settings)  # a bad key stops us before anything is bound
+    listeners = bind_listeners(settings)
+    try:
+        become(user, settings, config_path)
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    asyncio.run(Service(components, config_path, sockets=listeners).run())
 
 
 @contextlib.contextmanager
-def shared_metrics(settings: Settings) -> Iterator[None]:
+def shared_metrics(settings: Settings, user: ServiceUser | None = None) -> Iterator[None]:
     """Workers count into one directory, so the worker serving /metrics reports them all.
 
     prometheus-client picks its storage when first imported, which happens in
     the workers after this (``ops/metrics`` creates the instruments lazily).
+    The directory is the service ``user``'s: the workers write in it.
     """
     if not settings.metrics.listen or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         yield
         return
     with tempfile.TemporaryDirectory(prefix="mailforward-metrics-") as directory:
+        if user is not None:
+            os.chown(directory, user.uid, user.gid)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
         try:
             yield
@@ -125,11 +158,12 @@ def describe_exit(status: int) -> str:
 
 
 def run_worker(components: Components, config_path: str | None,
-               listeners: list[socket.socket], channel: socket.socket, index: int) -> int:
+               listeners: list[socket.socket], anvil: socket.socket,
+               store: socket.socket | None, index: int) -> int:
     """A worker's life, in the forked child; its exit code."""
     try:
-        asyncio.run(Service(components, config_path, sockets=listeners, anvil=channel,
-                            runs_retries=index == 0).run())
+        asyncio.run(Service(components, config_path, sockets=listeners, anvil=anvil,
+                            store=store, runs_retries=index == 0).run())
     except (MailforwardError, OSError) as error:
         log.error("worker %d cannot serve: %s", index, error)
         return 1
@@ -140,24 +174,39 @@ def run_worker(components: Components, config_path: str | None,
 
 
 @dataclass
+class Link:
+    """One of a worker's channels, as the selector hands it back."""
+
+    worker: Worker
+    channel: LineChannel
+    serve: Callable[[], bool]  # answer what arrived; False when the worker's end closed
+    release: Callable[[], None]  # what the worker held through it is gone with it
+
+
+@dataclass
 class Worker:
     index: int
     pid: int = 0  # 0: not running
     started: float = 0.0
     ready: bool = False
-    channel: AnvilChannel | None = None
+    anvil: AnvilChannel | None = None
+    links: list[Link] = field(default_factory=list)  # its open channels, the anvil's first
     restart_at: float | None = None
     backoff: float = RESTART_FIRST
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, config_path: str | None = None) -> None:
+    def __init__(self, settings: Settings, config_path: str | None = None,
+                 user: ServiceUser | None = None) -> None:
         self.config_path = config_path
+        self.user = user
         self.components = Components.load(settings)  # a bad key stops us before anything runs
         server = settings.server
         self.anvil = AnvilService(ClientLimits(server.client_connection_count_limit,
                                                server.client_connection_rate_limit,
                                                server.client_connection_rate_time_unit))
+        # [limits] without Redis: one store for every worker (fixed until a restart)
+        self.store = StoreService() if not settings.limits.shared else None
         self.workers = [Worker(index) for index in range(server.workers)]
         self.listeners: list[socket.socket] = []
         self.selector = selectors.DefaultSelector()
@@ -174,6 +223,12 @@ class Supervisor:
 
     def run(self) -> None:
         self.listeners = bind_listeners(self.settings)
+        try:
+            become(self.user, self.settings, self.config_path)  # before the first fork
+        except BaseException:
+            for sock in self.listeners:
+                sock.close()
+            raise
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -250,19 +305,18 @@ class Supervisor:
             elif number == signal.SIGCHLD:
                 self._reap()
 
-    def _channel_event(self, worker: Worker, mask: int) -> None:
-        channel = worker.channel
-        if channel is None:
-            return
-        if mask & selectors.EVENT_READ and not self.anvil.serve(channel):
-            self._close_channel(worker)
+    def _channel_event(self, link: Link, mask: int) -> None:
+        channel, worker = link.channel, link.worker
+        if mask & selectors.EVENT_READ and not link.serve():
+            self._close_link(link)
             return
         if mask & selectors.EVENT_WRITE:
             channel.flush()
         wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if channel.wants_write else 0)
         if self.selector.get_key(channel).events != wanted:
-            self.selector.modify(channel, wanted, worker)
-        if channel.ready and not worker.ready:
+            self.selector.modify(channel, wanted, link)
+        anvil = worker.anvil
+        if anvil is not None and channel is anvil and anvil.ready and not worker.ready:
             worker.ready = True
             log.info("worker %d (pid %d) ready", worker.index, worker.pid)
             self._announce()
@@ -280,14 +334,17 @@ class Supervisor:
 
     def _spawn(self, worker: Worker) -> None:
         worker.restart_at = None
-        ours, theirs = socket.socketpair()
+        anvil_ours, anvil_theirs = socket.socketpair()
+        store_ours, store_theirs = socket.socketpair() if self.store is not None else (None, None)
+        ours = [end for end in (anvil_ours, store_ours) if end is not None]
+        theirs = [end for end in (anvil_theirs, store_theirs) if end is not None]
         signal.pthread_sigmask(signal.SIG_BLOCK, SERVICE_SIGNALS)  # held for the child
         try:
             pid = os.fork()
         except OSError as error:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SERVICE_SIGNALS)
-            ours.close()
-            theirs.close()
+            for end in (*ours, *theirs):
+                end.close()
             if not self.serving:
                 raise
             log.error("worker %d: cannot fork (%s); trying again in %.1f s", worker.index,
@@ -295,16 +352,27 @@ class Supervisor:
             worker.restart_at = time.monotonic() + RESTART_MAX
             return
         if pid == 0:
-            self._become_worker(worker, theirs, ours)  # never returns
+            self._become_worker(worker, anvil_theirs, store_theirs, ours)  # never returns
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SERVICE_SIGNALS)
-        theirs.close()
+        for end in theirs:
+            end.close()
         worker.pid, worker.started, worker.ready = pid, time.monotonic(), False
-        worker.channel = AnvilChannel(ours, worker.index)
-        self.selector.register(worker.channel, selectors.EVENT_READ, worker)
+        anvil = worker.anvil = AnvilChannel(anvil_ours, worker.index)
+        self._link(worker, anvil, lambda: self.anvil.serve(anvil),
+                   lambda: self.anvil.release(anvil))  # its clients' connections are gone
+        if self.store is not None and store_ours is not None:
+            store, service = StoreChannel(store_ours, worker.index), self.store
+            self._link(worker, store, lambda: service.serve(store), lambda: None)
         log.info("worker %d started (pid %d)", worker.index, pid)
 
-    def _become_worker(self, worker: Worker, channel: socket.socket,
-                       supervisor_end: socket.socket) -> None:
+    def _link(self, worker: Worker, channel: LineChannel, serve: Callable[[], bool],
+              release: Callable[[], None]) -> None:
+        link = Link(worker, channel, serve, release)
+        worker.links.append(link)
+        self.selector.register(channel, selectors.EVENT_READ, link)
+
+    def _become_worker(self, worker: Worker, anvil: socket.socket, store: socket.socket | None,
+                       supervisor_ends: list[socket.socket]) -> None:
         """In the child: drop the supervisor's state and serve; exits the process."""
         code = 1
         try:
@@ -315,11 +383,12 @@ class Supervisor:
             self.selector.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
-            supervisor_end.close()
+            for end in supervisor_ends:
+                end.close()
             for other in self.workers:  # their channels must close when they (or we) die
-                if other.channel is not None:
-                    other.channel.close()
-            code = run_worker(self.components, self.config_path, self.listeners, channel,
+                for link in other.links:
+                    link.channel.close()
+            code = run_worker(self.components, self.config_path, self.listeners, anvil, store,
                               worker.index)
         except BaseException:  # noqa: BLE001  (nothing may return into the supervisor's code)
             log.exception("worker %d failed", worker.index)
@@ -327,14 +396,20 @@ class Supervisor:
             logging.shutdown()
             os._exit(code)
 
-    def _close_channel(self, worker: Worker) -> None:
-        channel = worker.channel
-        if channel is None:
+    def _close_link(self, link: Link) -> None:
+        worker = link.worker
+        if link not in worker.links:
             return
-        self.selector.unregister(channel)
-        self.anvil.release(channel)  # its clients' connections are gone with it
-        channel.close()
-        worker.channel = None
+        worker.links.remove(link)
+        self.selector.unregister(link.channel)
+        link.release()
+        link.channel.close()
+        if link.channel is worker.anvil:
+            worker.anvil = None
+
+    def _close_channels(self, worker: Worker) -> None:
+        for link in list(worker.links):
+            self._close_link(link)
 
     def _reap(self) -> None:
         while True:
@@ -349,7 +424,7 @@ class Supervisor:
                     self._exited(worker, status)
 
     def _exited(self, worker: Worker, status: int) -> None:
-        self._close_channel(worker)
+        self._close_channels(worker)
         pid, worker.pid, worker.ready = worker.pid, 0, False
         how = describe_exit(status)
         if self.stopping:

@@ -7,9 +7,9 @@ I/O, so one instance can also be kept by a process without an event loop
 (a supervisor answering its workers, as it answers for the connection
 limits in ``smtpd/anvil.py``).
 
-Several worker processes that each keep their own instance each count
-alone; for limits that hold across workers or nodes use the Redis store
-(``docs/scale-out.md``).
+A node's worker processes share the one instance their supervisor keeps
+(``state/shared.py``); for limits that hold across nodes use the Redis
+store (``docs/scale-out.md``).
 
 Memory stays bounded: windows and keys whose time is over are dropped at
 most once per :data:`PRUNE_INTERVAL`, and the TTL set keeps at most

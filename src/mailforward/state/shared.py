@@ -20,16 +20,13 @@ A supervisor that does not answer within the timeout, or a channel that
 closed, makes the call raise :class:`~.StoreUnavailable`, handled like a
 Redis outage (``[limits] redis_failure``).
 
-The supervisor's part, in ``smtpd/supervisor.py``::
-
-    self.store_service = StoreService()                      # once
-    ours, theirs = socket.socketpair()                       # per worker, before fork
-    channel = StoreChannel(ours, worker.index)               # parent: register with the
-    selector.register(channel, EVENT_READ, ...)              #   selector; on EVENT_READ
-    if not self.store_service.serve(channel): close it       #   serve, on EVENT_WRITE flush
-    # child: Service(..., store_socket=theirs) -> abuse_from_settings(settings, theirs)
-
-Without that wiring each worker keeps its own store (and says so at start).
+The supervisor (``smtpd/supervisor.py``) keeps one :class:`StoreService`
+when ``[limits]`` names no Redis, makes each worker's store channel beside
+its anvil channel and drives both from the same selector; the worker's
+``Service`` hands its end to ``abuse_from_settings``.  The counts and the
+duplicate cache live as long as the supervisor: a worker that dies and is
+replaced finds them as they were.  With Redis configured there is no store
+channel: every process asks Redis.
 """
 
 from __future__ import annotations
@@ -37,16 +34,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import logging
 import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..channel import LineChannel
 from . import StoreUnavailable, Window
 from .memory import MemoryStore
-
-log = logging.getLogger("mailforward.state")
 
 STORE_TIMEOUT = 2.0  # seconds a worker waits for the supervisor's answer
 MAX_LINE = 1 << 20  # one request: keys of a message's destinations fit many times over
@@ -55,57 +50,11 @@ MAX_LINE = 1 << 20  # one request: keys of a message's destinations fit many tim
 # ---------------------------------------------------------------- supervisor side
 
 
-class StoreChannel:
-    """The supervisor's end of one worker's channel."""
+class StoreChannel(LineChannel):
+    """The supervisor's end of one worker's store channel."""
 
-    def __init__(self, sock: socket.socket, worker: int) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-        self.worker = worker
-        self._in = bytearray()
-        self._out = bytearray()
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    @property
-    def wants_write(self) -> bool:
-        return bool(self._out)
-
-    def lines(self) -> list[bytes] | None:
-        """Complete lines received so far; None when the worker's end closed (or misbehaved)."""
-        try:
-            data = self.sock.recv(1 << 16)
-        except (BlockingIOError, InterruptedError):
-            return []
-        except OSError:
-            return None
-        if not data:
-            return None
-        self._in += data
-        *complete, rest = self._in.split(b"\n")
-        if len(rest) > MAX_LINE:
-            log.error("worker %d: store protocol error (request too long)", self.worker)
-            return None
-        self._in = bytearray(rest)
-        return [bytes(line) for line in complete]
-
-    def send(self, data: bytes) -> None:
-        self._out += data
-        self.flush()
-
-    def flush(self) -> None:
-        try:
-            sent = self.sock.send(self._out)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._out.clear()
-            return
-        del self._out[:sent]
-
-    def close(self) -> None:
-        self.sock.close()
+    protocol = "store"
+    max_line = MAX_LINE
 
 
 class StoreService:
