@@ -99,6 +99,9 @@ class SessionHandler(Protocol):
         ...
 
 
+EnvelopeDecision = Callable[[ClientSession, Transaction, str, list[str]], Awaitable[Reply]]
+
+
 class _Closed(Exception):
     """The client went away (EOF, reset) or we hung up: end the session quietly."""
 
@@ -471,28 +474,21 @@ class SmtpConnection:
         await self.send(f"250 {lines[-1]}")
 
     async def mail(self, arg: str) -> None:
-        refusal = self.need_greeting()
-        if refusal is None and self.txn.has_sender:
-            refusal = replies.NESTED_MAIL
-        path, params = split_path(arg, "FROM:")
-        if refusal is None and path is None:
-            refusal = replies.MAIL_SYNTAX
-        if refusal is not None or path is None:
-            await self.reply(refusal or replies.MAIL_SYNTAX)
-            return
-        await self.reply(await self.handler.mail(self.session, self.txn, path, params))
+        refusal = self.need_greeting() or (replies.NESTED_MAIL if self.txn.has_sender else None)
+        await self._envelope(arg, "FROM:", replies.MAIL_SYNTAX, refusal, self.handler.mail)
 
     async def rcpt(self, arg: str) -> None:
-        refusal = self.need_greeting()
-        if refusal is None and not self.txn.has_sender:
-            refusal = replies.NEED_MAIL
-        path, params = split_path(arg, "TO:")
-        if refusal is None and path is None:
-            refusal = replies.RCPT_SYNTAX
+        refusal = self.need_greeting() or (None if self.txn.has_sender else replies.NEED_MAIL)
+        await self._envelope(arg, "TO:", replies.RCPT_SYNTAX, refusal, self.handler.rcpt)
+
+    async def _envelope(self, arg: str, keyword: str, syntax: Reply, refusal: Reply | None,
+                        decide: EnvelopeDecision) -> None:
+        """MAIL and RCPT: command order first, then the path's syntax, then the handler."""
+        path, params = split_path(arg, keyword)
         if refusal is not None or path is None:
-            await self.reply(refusal or replies.RCPT_SYNTAX)
+            await self.reply(refusal or syntax)
             return
-        await self.reply(await self.handler.rcpt(self.session, self.txn, path, params))
+        await self.reply(await decide(self.session, self.txn, path, params))
 
     def _data_refusal(self) -> Reply | None:
         if not self.session.host_name:
