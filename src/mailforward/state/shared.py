@@ -72,12 +72,15 @@ class StoreService:
             return False
         out = bytearray()
         for line in lines:
-            out += json.dumps(self.answer(line), separators=(",", ":")).encode() + b"\n"
+            answer = self.answer(line)
+            if answer is not None:
+                out += json.dumps(answer, separators=(",", ":")).encode() + b"\n"
         if out:
             channel.send(bytes(out))
         return True
 
-    def answer(self, line: bytes) -> dict[str, Any]:
+    def answer(self, line: bytes) -> dict[str, Any] | None:
+        """The reply to one request; None for a ``remember`` the worker does not wait for."""
         try:
             request = json.loads(line)
             op = request["op"]
@@ -90,7 +93,7 @@ class StoreService:
             if op == "remember":
                 self.store.remember_at([str(k) for k in request["keys"]], float(request["ttl"]),
                                        now)
-                return {}
+                return None if request.get("quiet") else {}
         except (ValueError, KeyError, TypeError) as error:
             return {"error": f"{type(error).__name__}: {error}"}
         return {"error": f"unknown op {op!r}"}
@@ -118,7 +121,7 @@ class SocketStore:
                                                                   limit=MAX_LINE + 1)
         self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
 
-    async def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _channel(self) -> asyncio.StreamWriter:
         if self._connecting is None:  # once, however many ask at first
             self._connecting = asyncio.get_running_loop().create_task(self._connect())
         try:
@@ -127,9 +130,13 @@ class SocketStore:
             raise StoreUnavailable(f"the supervisor's store: {error}") from None
         if self._lost or self._writer is None or self._writer.is_closing():
             raise StoreUnavailable("the supervisor's store: channel closed")
+        return self._writer
+
+    async def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        writer = await self._channel()
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting.append(waiter)
-        self._writer.write(json.dumps(request, separators=(",", ":")).encode() + b"\n")
+        writer.write(json.dumps(request, separators=(",", ":")).encode() + b"\n")
         try:
             answer = await asyncio.wait_for(asyncio.shield(waiter), self._timeout)
         except TimeoutError:
@@ -169,8 +176,12 @@ class SocketStore:
         return set((await self._ask({"op": "seen", "keys": list(keys)}))["seen"])
 
     async def remember(self, keys: Sequence[str], ttl: float) -> None:
+        """Told, not asked: the supervisor applies it in order with this worker's later
+        questions, and the sender's 250 does not wait a round trip for it."""
         if keys:
-            await self._ask({"op": "remember", "keys": list(keys), "ttl": ttl})
+            writer = await self._channel()
+            writer.write(json.dumps({"op": "remember", "keys": list(keys), "ttl": ttl,
+                                     "quiet": True}, separators=(",", ":")).encode() + b"\n")
 
     async def close(self) -> None:
         if self._writer is not None:
