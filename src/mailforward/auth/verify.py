@@ -50,7 +50,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -359,6 +359,8 @@ def _verify_dkim(resolver: dns.resolver.Resolver, message: bytes,
     Key records come from ``answers`` when given (fetched in the DNS pool),
     else are looked up here.
     """
+    if not _has_field(message, DKIM_FIELDS):
+        return ()  # nothing to verify: dkimpy need not parse the whole message
     try:
         signed = dkimpy_parse(message, dkim.DKIM)
     except Exception as e:  # dkimpy's parser raises more than DKIMException on garbage
@@ -422,6 +424,8 @@ def _verify_arc(resolver: dns.resolver.Resolver, message: bytes,
     Key records come from ``answers`` when given (a key not among them is
     missing, so its seal fails), else are looked up here.
     """
+    if not _has_arc_set(message):
+        return "none"  # no chain to verify: dkimpy need not parse the whole message
     keys = _key_lookup(resolver) if answers is None else _Prefetched(answers, _not_fetched)
     try:
         state, _, _ = dkim.arc_verify(dkimpy_view(message), dnsfunc=_arc_key_lookup(keys))
@@ -435,7 +439,15 @@ def _verify_arc(resolver: dns.resolver.Resolver, message: bytes,
 
 
 def _has_arc_set(message: bytes) -> bool:
-    return any(field_name(field) in ARC_FIELDS for field in split_header(message)[0])
+    return _has_field(message, ARC_FIELDS)
+
+
+DKIM_FIELDS = frozenset({b"dkim-signature"})
+
+
+def _has_field(message: bytes, names: Collection[bytes]) -> bool:
+    """Does the header section hold a field named one of ``names`` (lower case)?"""
+    return any(field_name(field) in names for field in split_header(message)[0])
 
 
 # --- DMARC -----------------------------------------------------------------
