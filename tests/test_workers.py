@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from aiosmtpd.controller import Controller
 
 from mailforward.config import DatabaseSettings
 from mailforward.delivery.base import Message, new_queue_id
 from mailforward.delivery.spool import Spool
 
 from conftest import seed_reference_data
+from smtp_harness import Sink as HarnessSink
 
 T = TypeVar("T")
 HOSTNAME = "mail.example.com"
@@ -50,41 +50,42 @@ def wait_until(check: Callable[[], T | None], what: str, timeout: float = DEADLI
         time.sleep(0.05)
 
 
-class Sink:
-    """An SMTP sink on loopback that counts what it accepts.
+class Sink(HarnessSink):
+    """The shared test sink (port 0), counting what reaches DATA.
 
     With ``gated`` set, DATA is answered only after :meth:`release` (the
     message is complete at the sink, the answer is held back).
     """
 
     def __init__(self, gated: bool = False) -> None:
-        self.envelopes: list[tuple[str, list[str], bytes]] = []
-        self.data_started = 0
+        super().__init__()
         self.gated = gated
-        self._gate = asyncio.Event()
-        self.controller = Controller(self, hostname="127.0.0.1", port=_free_port())
-        self.controller.start()
-        self.port = self.controller.port
+        self.data_started = 0
+        self.start()
+        assert self._loops is not None
+        self._gate: asyncio.Event = self._loops.run(_new_event())
+
+    @property
+    def envelopes(self) -> list[tuple[str, list[str], bytes]]:
+        return [(a.mail_from, a.rcpt_tos, a.content) for a in list(self.arrivals)]
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.data_started += 1
         if self.gated:
             await self._gate.wait()
-        self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
-        return "250 2.0.0 Ok: sunk"
+        return await super().handle_DATA(server, session, envelope)
 
     def release(self) -> None:
-        self.controller.loop.call_soon_threadsafe(self._gate.set)
+        if self._loops is not None:
+            self._loops.loop.call_soon_threadsafe(self._gate.set)
 
     def stop(self) -> None:
         self.release()
-        self.controller.stop()
+        super().stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+async def _new_event() -> asyncio.Event:
+    return asyncio.Event()
 
 
 class Client:
