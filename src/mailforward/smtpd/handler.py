@@ -30,7 +30,7 @@ from ..auth.verify import AuthVerdict
 from ..config import ServerSettings
 from ..delivery.base import Delivery, Message, new_queue_id
 from ..errors import AddressError, AuthenticationRefused, TemporaryLookupError
-from ..from_field import read_from_field
+from ..from_field import FromField, read_from_field
 from ..headerfields import header_block
 from ..ops.logs import client_name, log_reject
 from ..ops.metrics import count_connection, count_message, count_refusal
@@ -287,8 +287,9 @@ class SmtpHandler:
                        content: bytearray) -> Reply:
         """Verify, add our trace, rewrite the envelope (SRS), sign and seal, then deliver."""
         content[:0] = self._received_header(session, envelope, queue_id)  # in place: no copy
+        from_field = read_from_field(content)  # verification only adds fields above it
         refusal = await policy.run_checks(policy.FROM_FIELD_CHECKS,
-                                          self._message_context(session, content, None))
+                                          self._message_context(session, from_field, None))
         if refusal is not None:
             return refusal
         outgoing: bytes | bytearray = content  # unchanged unless authentication adds fields
@@ -300,7 +301,7 @@ class SmtpHandler:
             if outgoing is not content:
                 content.clear()  # the verifier's copy is the message now
         refusal = await policy.run_checks(policy.FROM_OWNER_CHECKS,
-                                          self._message_context(session, outgoing, verdict))
+                                          self._message_context(session, from_field, verdict))
         if refusal is not None:
             return refusal
         if self.auth is not None:
@@ -314,7 +315,7 @@ class SmtpHandler:
             return await self.abuse.deliver_once(message, self.delivery)
         return await self.delivery.deliver(message)
 
-    def _message_context(self, session: ClientSession, content: bytes | bytearray,
+    def _message_context(self, session: ClientSession, from_field: FromField,
                          verdict: AuthVerdict | None) -> policy.MessageContext:
         authenticated: set[str] = set()
         dmarc_pass = ""
@@ -323,7 +324,7 @@ class SmtpHandler:
                 authenticated.add(verdict.spf.domain)
             authenticated.update(v.domain for v in verdict.dkim if v.result == "pass")
             dmarc_pass = verdict.from_domain if verdict.dmarc == "pass" else ""
-        return policy.MessageContext(self.table, session.in_mynetworks, read_from_field(content),
+        return policy.MessageContext(self.table, session.in_mynetworks, from_field,
                                      self.own_domains, frozenset(authenticated), dmarc_pass)
 
     def _received_header(self, session: ClientSession, envelope: Transaction,
