@@ -12,7 +12,7 @@ import pytest
 from mailforward.auth import executors
 from mailforward.auth.arc import ArcSealer, sealer_from_settings
 from mailforward.auth.dkim import DkimSigner, generate_key, load_dkim
-from mailforward.auth.pipeline import MessageAuthenticator
+from mailforward.auth.pipeline import SIGN_ON_LOOP_LIMIT, MessageAuthenticator
 from mailforward.auth.verify import Verifier
 from mailforward.config import ArcSettings, AuthSettings, DkimSettings, Settings
 from mailforward.errors import ConfigError, DmarcRejected, SpfRejected
@@ -117,25 +117,45 @@ async def test_signing_sealing_and_verifying_stay_off_the_default_executor(
     assert signer.signing_failures == 0 and sealer.sealing_failures == 0
 
 
-async def test_signing_runs_in_the_cpu_pool(nameserver: str, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def signing_threads(auth: MessageAuthenticator, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the threads ``auth`` signs in, recorded as it signs."""
+    threads: list[str] = []
+    real = auth._sign_and_seal
+
+    def recording(content: bytes, client_ip: str, results: bytes | None) -> bytes:
+        threads.append(threading.current_thread().name)
+        return real(content, client_ip, results)
+
+    monkeypatch.setattr(auth, "_sign_and_seal", recording)
+    return threads
+
+
+def forwarding_signer(tmp_path: Path) -> MessageAuthenticator:
     key = generate_key("example.org", "fwd", tmp_path, bits=1024)
     dkim_config = load_dkim(DkimSettings(keys=(f"{key.name} example.org:fwd:{key.path}",),
                                          sign_forwarded_as="example.org"))
     assert dkim_config is not None
-    auth = MessageAuthenticator(None, DkimSigner(dkim_config), None, authserv_id=AUTHSERV)
-    threads: list[str] = []
-    real = auth._sign_and_seal
+    return MessageAuthenticator(None, DkimSigner(dkim_config), None, authserv_id=AUTHSERV)
 
-    def recording(content: bytes, client_ip: str) -> bytes:
-        threads.append(threading.current_thread().name)
-        return real(content, client_ip)
 
-    monkeypatch.setattr(auth, "_sign_and_seal", recording)
-    signed = await auth.outbound(message("x@example.org"), "127.0.0.1")
+async def test_big_messages_are_signed_in_the_cpu_pool(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    auth = forwarding_signer(tmp_path)
+    threads = signing_threads(auth, monkeypatch)
+    big = message("x@example.org") + (b"x" * 78 + b"\r\n") * (SIGN_ON_LOOP_LIMIT // 80 + 1)
+    signed = await auth.outbound(big, "127.0.0.1")
     assert signed.startswith(b"DKIM-Signature: ")
     assert len(threads) == 1 and threads[0].startswith(executors.CPU.name)
     assert executors.CPU.workers == executors.cpu_workers()
+
+
+async def test_small_messages_are_signed_on_the_loop(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    auth = forwarding_signer(tmp_path)
+    threads = signing_threads(auth, monkeypatch)
+    signed = await auth.outbound(message("x@example.org"), "127.0.0.1")
+    assert signed.startswith(b"DKIM-Signature: ")
+    assert threads == [threading.current_thread().name]
 
 
 def test_arc_without_a_key_is_a_config_error() -> None:

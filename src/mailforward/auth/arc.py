@@ -28,6 +28,7 @@ from ..config import ArcSettings
 from ..errors import ConfigError
 from ..headerfields import dkimpy_view
 from .dkim import DkimConfig, DkimKey, load_key
+from .signing import SigningInput, arc_set, signs_here
 
 log = logging.getLogger("mailforward.arc")
 
@@ -40,21 +41,41 @@ class ArcSealer:
         self.authserv_id = authserv_id
         self.sealing_failures = 0
 
-    def seal(self, message: bytes) -> bytes:
-        """The ARC set to prepend to ``message``; b"" if it cannot be sealed."""
+    def seal(self, message: bytes, parsed: SigningInput | None = None,
+             results: bytes | None = None) -> bytes:
+        """The ARC set to prepend to ``message``; b"" if it cannot be sealed.
+
+        With ``parsed`` (the message parsed for signing) and ``results`` (the
+        value of the Authentication-Results field we prepended), a first seal
+        is made by ``signing.arc_set`` without dkimpy re-reading the message;
+        a message continuing a chain goes to dkimpy's ``arc_sign``.
+        """
+        if parsed is not None and results is not None and signs_here(self.key.private_pem) \
+                and not parsed.has_arc_fields():
+            return self._first_seal(parsed, results)
         try:
             headers = dkim.arc_sign(dkimpy_view(message), self.key.selector.encode(),
                                     self.key.domain.encode(), self.key.private_pem,
                                     self.authserv_id.encode())
         except Exception as e:  # dkimpy raises many types; none may stop delivery
-            self.sealing_failures += 1
-            log.error("ARC sealing with %s failed (%s); sending without a seal",
-                      self.key.name, type(e).__name__)
-            return b""
+            return self._failed(e)
         if not headers:
             self.sealing_failures += 1
             log.error("ARC sealing skipped: no Authentication-Results for %s", self.authserv_id)
         return b"".join(_crlf(h) for h in headers)
+
+    def _first_seal(self, parsed: SigningInput, results: bytes) -> bytes:
+        try:
+            return arc_set(parsed, self.key.domain, self.key.selector, self.key.private_pem,
+                           results)
+        except Exception as e:  # no failure may stop delivery
+            return self._failed(e)
+
+    def _failed(self, error: Exception) -> bytes:
+        self.sealing_failures += 1
+        log.error("ARC sealing with %s failed (%s); sending without a seal",
+                  self.key.name, type(error).__name__)
+        return b""
 
 
 def _crlf(header: bytes) -> bytes:

