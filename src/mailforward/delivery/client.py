@@ -10,10 +10,22 @@ Sessions come from a :class:`.connections.ConnectionCache`: after a
 transaction that ended cleanly the session is kept (no QUIT), and the next
 transaction to the same next hop sends RSET instead of connecting, EHLO and
 STARTTLS again.  A cached session that turns out to be dead before anything
-was sent is replaced by a new connection, transparently.  STARTTLS is
-opportunistic (any certificate: the point is privacy, not identity) and
-every session uses the one client :class:`ssl.SSLContext` built with the
-:class:`ClientSettings`, never one per connection.
+was sent is replaced by the next cached one or a new connection,
+transparently.  STARTTLS is opportunistic (any certificate: the point is
+privacy, not identity) and every session uses the one client
+:class:`ssl.SSLContext` built with the :class:`ClientSettings`, never one
+per connection.
+
+To a next hop that offers PIPELINING (RFC 2920) the envelope is one write:
+RSET (on a cached session), MAIL FROM, every RCPT TO and DATA, then the
+replies are read in order -- one round trip instead of three or more per
+message.  The results are those of the one-at-a-time exchange a next hop
+without PIPELINING gets: a refused RCPT fails only its recipient, a refused
+MAIL every recipient, and no content is sent unless a recipient was
+accepted and DATA answered 354.  The RSET's reply is read first: a cached
+session the next hop closed meanwhile shows there, before any content.
+The replies are read by :class:`_ReplyReader`, not by aiosmtplib, whose
+protocol loses replies that arrive together.
 
 The final dot is written by :func:`send_data`, which sets
 :attr:`Commit.past_dot` the moment it is: from then on the next hop may have
@@ -47,11 +59,14 @@ import logging
 import os
 import re
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import aiosmtplib
 import aiosmtplib.email
+from aiosmtplib import SMTPResponse
+from aiosmtplib.protocol import SMTPProtocol
 
 from ..addresses import is_sendable
 from ..reply import Reply
@@ -196,10 +211,13 @@ class SmtpClient:
 
     async def transaction(self, hop: NextHop, message: Message, recipients: Sequence[str],
                           commit: Commit) -> dict[str, Reply]:
-        """Offer ``message`` to ``recipients`` at ``hop``: a reply each, or TryNextHop."""
+        """Offer ``message`` to ``recipients`` at ``hop``: a reply each, or TryNextHop.
+
+        Cached sessions come first; one found dead before any content was sent
+        is closed and the next one tried, then a new session opened.
+        """
         key = HopKey(hop.address, hop.port)
-        session = await self.cache.take(key)
-        if session is not None:
+        while (session := await self.cache.take(key)) is not None:
             commit.relay = relay_name(hop)
             try:
                 return await self._use(session, hop, message, recipients, commit)
@@ -251,7 +269,7 @@ class SmtpClient:
                 results = _refuse_utf8_recipients(client, message, recipients)
                 offered = [rcpt for rcpt in recipients if rcpt not in results]
                 if offered:
-                    results.update(await self._envelope_and_data(client, hop, message, offered,
+                    results.update(await self._envelope_and_data(session, hop, message, offered,
                                                                  commit))
             keep = True
             return results
@@ -273,25 +291,28 @@ class SmtpClient:
             else:
                 session.client.close()
 
-    async def _envelope_and_data(self, client: aiosmtplib.SMTP, hop: NextHop, message: Message,
+    async def _envelope_and_data(self, session: Session, hop: NextHop, message: Message,
                                  recipients: Sequence[str], commit: Commit) -> dict[str, Reply]:
+        """MAIL, RCPT and DATA (pipelined when the next hop offers it), then the content
+        if any recipient was accepted: a reply per recipient."""
+        client = session.client
         utf8 = needs_smtputf8(message) or not all(rcpt.isascii() for rcpt in recipients)
-        encoding = "utf-8" if utf8 else "ascii"
-        await client.mail(message.sender, options=mail_options(client, message, utf8),
-                          encoding=encoding)
-        results: dict[str, Reply] = {}
-        for rcpt in recipients:
-            try:
-                await client.rcpt(rcpt, options=rcpt_options(client, message, rcpt),
-                                  encoding=encoding)
-                results[rcpt] = ACCEPTED
-            except aiosmtplib.SMTPRecipientRefused as e:
-                results[rcpt] = downstream_reply(e, rcpt, message)
+        commands = envelope_commands(client, message, recipients, utf8)
+        ready: SMTPResponse | None = None  # the reply to DATA, once it was sent
+        if client.supports_extension("pipelining"):
+            results, ready = await self._pipelined_envelope(session, message, recipients,
+                                                            commands)
+        else:
+            results = await _envelope(client, message, recipients, commands)
         accepted = [rcpt for rcpt, reply in results.items() if reply is ACCEPTED]
         if not accepted:
             return results
+        timeout = self.settings.command_timeout
         try:
-            await send_data(client, message.content, commit, self.settings.command_timeout)
+            if ready is None:
+                await send_data(client, message.content, commit, timeout)
+            else:
+                await send_content(client, ready, message.content, commit, timeout)
         except aiosmtplib.SMTPResponseException as e:
             results.update({rcpt: downstream_reply(e, rcpt, message) for rcpt in accepted})
             return results
@@ -305,6 +326,237 @@ class SmtpClient:
             results.update({rcpt: RELAYED_WITHOUT_DSN for rcpt in accepted
                             if message.dsn_of(rcpt).notifies("SUCCESS")})
         return results
+
+    async def _pipelined_envelope(self, session: Session, message: Message,
+                                  recipients: Sequence[str], commands: Sequence[bytes]
+                                  ) -> tuple[dict[str, Reply], SMTPResponse]:
+        """RSET (on a cached session), MAIL, every RCPT and DATA in one write, then their
+        replies in order: a reply per recipient, and the reply to DATA.
+
+        A refused MAIL raises SMTPSenderRefused once the other replies were
+        read, as aiosmtplib's ``mail()`` does.  A next hop that answers 354
+        although nothing is to be sent is left by closing the session: without
+        the final dot nothing is delivered.
+        """
+        client = session.client
+        timeout = self.settings.command_timeout
+        reset = [b"RSET"] if session.unchecked else []
+        with _pipelined(client, [*reset, *commands, b"DATA"]) as reader:
+            if session.unchecked:
+                await self._check_reset(session, reader)
+            mail = await reader.read(timeout)
+            if mail.code != 250:
+                await reader.discard(len(recipients) + 1, timeout)
+                raise aiosmtplib.SMTPSenderRefused(mail.code, mail.message, message.sender)
+            rcpt_replies = [await reader.read(timeout) for _ in recipients]
+            ready = await reader.read(timeout)
+        results = {rcpt: _rcpt_reply(reply, rcpt, message)
+                   for rcpt, reply in zip(recipients, rcpt_replies, strict=True)}
+        if ready.code == 354 and not any(reply is ACCEPTED for reply in results.values()):
+            client.close()
+        return results, ready
+
+    async def _check_reset(self, session: Session, reader: _ReplyReader) -> None:
+        """The reply to the RSET pipelined on a cached session; _StaleSession unless it is 250.
+
+        A session the next hop closed while it was idle (its timeout, a
+        restart) shows here, before any content was sent: the transaction can
+        go again on another session.
+        """
+        try:
+            reply = await reader.read(self.cache.rset_timeout)
+        except aiosmtplib.SMTPException as e:
+            raise _StaleSession() from e
+        if reply.code != 250:
+            raise _StaleSession()
+        self.cache.checked(session)
+
+
+async def _envelope(client: aiosmtplib.SMTP, message: Message, recipients: Sequence[str],
+                    commands: Sequence[bytes]) -> dict[str, Reply]:
+    """MAIL, then each RCPT, a round trip each: for a next hop without PIPELINING.
+
+    A refused MAIL raises SMTPSenderRefused, as aiosmtplib's ``mail()`` does.
+    """
+    mail, *rcpts = commands
+    response = await client.execute_command(mail)
+    if response.code != 250:
+        raise aiosmtplib.SMTPSenderRefused(response.code, response.message, message.sender)
+    results: dict[str, Reply] = {}
+    for rcpt, command in zip(recipients, rcpts, strict=True):
+        results[rcpt] = _rcpt_reply(await client.execute_command(command), rcpt, message)
+    return results
+
+
+def _rcpt_reply(response: SMTPResponse, rcpt: str, message: Message) -> Reply:
+    """ACCEPTED for 250 or 251 (what aiosmtplib's ``rcpt()`` takes), else the refusal."""
+    if response.code in (250, 251):
+        return ACCEPTED
+    refusal = aiosmtplib.SMTPRecipientRefused(response.code, response.message, rcpt)
+    return downstream_reply(refusal, rcpt, message)
+
+
+_CONTROL_CHARACTERS = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+def envelope_commands(client: aiosmtplib.SMTP, message: Message, recipients: Sequence[str],
+                      utf8: bool) -> list[bytes]:
+    """MAIL FROM, then a RCPT TO per recipient, with their parameters (no CRLF).
+
+    Written here, not by aiosmtplib's ``mail()`` and ``rcpt()``, which parse
+    every address again: ours passed :func:`writable`, so ``<address>`` is
+    exactly what aiosmtplib would write.  Addresses are UTF-8 under SMTPUTF8,
+    else ASCII; parameters are ASCII.
+    """
+    encoding = "utf-8" if utf8 else "ascii"
+    commands = [_command(b"MAIL FROM:", message.sender, mail_options(client, message, utf8),
+                         encoding)]
+    commands += [_command(b"RCPT TO:", rcpt, rcpt_options(client, message, rcpt), encoding)
+                 for rcpt in recipients]
+    return commands
+
+
+def _command(verb: bytes, address: str, options: Sequence[str], encoding: str) -> bytes:
+    """One command line; ValueError for a control character, as aiosmtplib raises it: a
+    pipelined CR or LF would smuggle in a command of its own."""
+    line = b" ".join([verb + b"<" + address.encode(encoding) + b">",
+                      *(option.encode("ascii") for option in options)])
+    if _CONTROL_CHARACTERS.search(line):
+        raise ValueError("command contains a control character")
+    return line
+
+
+_MAX_REPLY = 32768  # bytes of one reply, continuation lines included (aiosmtplib's bound)
+
+
+class _ReplyReader(asyncio.Protocol):
+    """The replies to pipelined commands, in order, however the next hop groups them.
+
+    aiosmtplib's protocol expects one reply per command it wrote: it parses
+    one reply per arrival of data and drops what arrives while no command
+    waits, so the replies a pipelining server sends together (RFC 2920 asks
+    it to) would be lost.  :func:`_pipelined` puts this reader on the
+    transport while those replies come; aiosmtplib's protocol gets it back
+    for everything else.  It counts what it read, so that a session left
+    with replies unread (a failure, a cancellation) is never reused.
+    """
+
+    def __init__(self, owner: SMTPProtocol, expected: int) -> None:
+        self.owner = owner  # aiosmtplib's protocol: flow control goes on to it
+        self.expected = expected  # replies owed: one per command written
+        self.answered = 0
+        self.unusable = False  # a 421 was read, or a 354 left waiting for content
+        self.ended = False  # EOF or connection lost
+        self.lost = False  # connection_lost was called here: aiosmtplib's protocol missed it
+        self.error: Exception | None = None  # and its argument
+        self._buffer = bytearray()
+        self._arrived = asyncio.Event()
+
+    @property
+    def in_step(self) -> bool:
+        """Every reply read and nothing else pending: the session can go on."""
+        return self.answered == self.expected and not self._buffer and not self.unusable
+
+    async def read(self, timeout: float) -> SMTPResponse:
+        """The next reply; raises what aiosmtplib raises: SMTPServerDisconnected,
+        SMTPReadTimeoutError, SMTPResponseException (code -1) for a malformed reply."""
+        try:
+            async with asyncio.timeout(timeout):
+                while (reply := self._parse()) is None:
+                    if self.ended:
+                        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+                    self._arrived.clear()
+                    await self._arrived.wait()
+        except TimeoutError as e:
+            raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from e
+        self.answered += 1
+        if reply.code == 421:  # the next hop is closing the session (aiosmtplib closes it too)
+            self.unusable = True
+        return reply
+
+    async def discard(self, count: int, timeout: float) -> None:
+        """Read ``count`` replies that no longer matter, only to keep the session in step.
+
+        One that fails ends the reading (the session is then closed); a 354
+        leaves the next hop waiting for content, so the session is not reused.
+        """
+        for _ in range(count):
+            try:
+                reply = await self.read(timeout)
+            except aiosmtplib.SMTPException:
+                return
+            self.unusable = self.unusable or reply.code == 354
+
+    def hand_back(self) -> None:
+        """Tell aiosmtplib's protocol of a connection lost while this reader had it."""
+        if self.lost:
+            self.owner.connection_lost(self.error)
+
+    def _parse(self) -> SMTPResponse | None:
+        """The reply at the front of the buffer, its lines' texts joined by newlines (as
+        aiosmtplib words it); None while it has not all arrived."""
+        texts: list[bytes] = []
+        start = 0
+        while (end := self._buffer.find(b"\n", start)) >= 0:
+            line = bytes(self._buffer[start:end + 1])
+            start = end + 1
+            if not line[:3].isdigit():
+                raise aiosmtplib.SMTPResponseException(
+                    -1, "Malformed SMTP response line: " + line.decode("utf-8", "ignore").strip())
+            texts.append(line[4:].strip(b" \t\r\n"))
+            if line[3:4] != b"-":
+                del self._buffer[:start]
+                return SMTPResponse(int(line[:3]), b"\n".join(texts).decode("utf-8",
+                                                                          "surrogateescape"))
+        if len(self._buffer) > _MAX_REPLY:
+            raise aiosmtplib.SMTPResponseException(-1, "Response too long")
+        return None
+
+    # --- asyncio.Protocol
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer.extend(data)
+        self._arrived.set()
+
+    def eof_received(self) -> bool:
+        self.ended = True
+        self._arrived.set()
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ended = self.lost = True
+        self.error = exc
+        self._arrived.set()
+
+    def pause_writing(self) -> None:
+        self.owner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.owner.resume_writing()
+
+
+@contextmanager
+def _pipelined(client: aiosmtplib.SMTP, commands: Sequence[bytes]) -> Iterator[_ReplyReader]:
+    """Write ``commands`` in one go; their replies are read from the reader yielded.
+
+    aiosmtplib's protocol is given the transport back at the end, and the
+    session is closed unless every reply was read and the next hop is not
+    closing it (see :attr:`_ReplyReader.in_step`).
+    """
+    protocol = client.protocol
+    transport = protocol.transport if protocol is not None else None
+    if protocol is None or transport is None or transport.is_closing():
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    reader = _ReplyReader(protocol, len(commands))
+    transport.set_protocol(reader)
+    try:
+        protocol.write(b"".join(command + b"\r\n" for command in commands))
+        yield reader
+    finally:
+        transport.set_protocol(protocol)
+        reader.hand_back()
+        if not reader.in_step:
+            client.close()
 
 
 def _refused(error: aiosmtplib.SMTPResponseException, hop: NextHop, message: Message,
@@ -339,14 +591,20 @@ def data_payload(content: bytes | bytearray) -> bytes:
 
 async def send_data(client: aiosmtplib.SMTP, content: bytes | bytearray, commit: Commit,
                     timeout: float) -> None:
-    """DATA, the content and the final dot; ``commit.past_dot`` is set once the dot is written.
+    """DATA, the content and the final dot: :func:`send_content` after a DATA of its own."""
+    await send_content(client, await client.execute_command(b"DATA"), content, commit, timeout)
+
+
+async def send_content(client: aiosmtplib.SMTP, ready: SMTPResponse, content: bytes | bytearray,
+                       commit: Commit, timeout: float) -> None:
+    """The content and the final dot once DATA was answered ``ready``, whether it was sent
+    alone or pipelined; ``commit.past_dot`` is set once the dot is written.
 
     Raises SMTPDataError for any answer but 354 / 250, and aiosmtplib's
     disconnect and timeout errors (the session is then closed).
     """
-    response = await client.execute_command(b"DATA")
-    if response.code != 354:
-        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    if ready.code != 354:
+        raise aiosmtplib.SMTPDataError(ready.code, ready.message)
     protocol = client.protocol
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")

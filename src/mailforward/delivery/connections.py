@@ -3,9 +3,13 @@
 After a transaction that ended cleanly, the session goes back to the cache
 instead of being closed; the next transaction to the same next hop takes it
 (most recently used first), sends RSET, and skips connect, EHLO and
-STARTTLS.  A session is keyed by its next hop (address, port) and by the
-TLS policy it was set up with, so a session is only reused for what it was
-opened for.
+STARTTLS.  When the next hop offers PIPELINING (RFC 2920), the RSET is not
+a round trip of its own here: the session is handed over ``unchecked`` and
+the client writes the RSET in front of the transaction's MAIL FROM, checks
+its reply first, and reports it with :meth:`ConnectionCache.checked`.
+
+A session is keyed by its next hop (address, port) and by the TLS policy it
+was set up with, so a session is only reused for what it was opened for.
 
 Bounds (``[delivery]`` settings, Postfix's names in brackets):
 
@@ -19,9 +23,10 @@ Bounds (``[delivery]`` settings, Postfix's names in brackets):
   0 turns reuse off.
 
 A cached session the next hop closed meanwhile (its 421 or FIN was seen),
-or whose RSET fails, is closed and the next one tried, then a new
-connection opened: the caller never sees it.  :meth:`ConnectionCache.close`
-closes every idle session; the delivery object calls it on shutdown.
+or whose RSET fails (here, or pipelined by the client), is closed and the
+next one tried, then a new connection opened: the caller never sees it.
+:meth:`ConnectionCache.close` closes every idle session; the delivery object
+calls it on shutdown.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ class Session:
     opened: float  # loop time
     transactions: int = 0
     reused: bool = False  # taken from the cache for the current transaction
+    # Taken without RSET: the transaction pipelines it in front of MAIL and checks its reply.
+    unchecked: bool = False
     _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     @property
@@ -93,7 +100,7 @@ class ConnectionCache:
         self._count = 0
         self._closed = False
         self.opened = 0  # sessions opened through this cache (statistics, tests)
-        self.reused = 0  # transactions that found a session here
+        self.reused = 0  # transactions that found a live session here
 
     @property
     def enabled(self) -> bool:
@@ -105,7 +112,13 @@ class ConnectionCache:
         return self._count
 
     async def take(self, key: HopKey) -> Session | None:
-        """A live session to ``key``, reset with RSET; None when there is none."""
+        """A session to ``key``, reset with RSET; None when there is none.
+
+        A next hop offering PIPELINING gets no RSET here: the session comes
+        back ``unchecked``, and the transaction writes the RSET together with
+        its envelope (one round trip less per message) and calls
+        :meth:`checked` once the RSET was answered.
+        """
         while True:
             session = self._pop(key)
             if session is None:
@@ -116,6 +129,9 @@ class ConnectionCache:
             if self._too_old(session):
                 dismiss(session.client)
                 continue
+            if session.client.supports_extension("pipelining"):
+                session.reused = session.unchecked = True
+                return session
             try:
                 await session.client.rset(timeout=self.rset_timeout)
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
@@ -127,9 +143,14 @@ class ConnectionCache:
             self.reused += 1
             return session
 
+    def checked(self, session: Session) -> None:
+        """The RSET pipelined on an ``unchecked`` session was accepted: the session is reused."""
+        session.unchecked = False
+        self.reused += 1
+
     def put(self, session: Session) -> None:
         """Keep ``session`` for the next transaction to its hop, or close it."""
-        session.reused = False
+        session.reused = session.unchecked = False
         if not self.enabled or not session.connected or self._too_old(session):
             dismiss(session.client)
             return
