@@ -146,8 +146,7 @@ def write_mailforward_config(work: Path, sink_port: int, signed: bool, dns_port:
 [server]
 hostname = "mail.example.com"
 listen = ["127.0.0.1:0"]
-client_connection_count_limit = 1000
-client_connection_rate_limit = 1000000
+client_limit_exceptions = ["127.0.0.1"]  # as the reference: smtpd_client_event_limit_exceptions
 [database]
 url = "mysql://maildb:peer-pass@127.0.0.1:3306/maildb"
 pool_size = 60

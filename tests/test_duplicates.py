@@ -150,12 +150,16 @@ def test_remembered_for_the_duplicate_window_only() -> None:
     delivery = RecordingDelivery()
     sent = Message("Q1", SENDER, ("a@dest.test",), message(unique_id()).encode())
 
+    async def deliver() -> None:
+        question = checks.ask_duplicates(sent.content, sent.recipients)
+        await checks.deliver_once(sent, delivery, question)
+
     async def run() -> None:
-        await checks.deliver_once(sent, delivery)
+        await deliver()
         clock.advance(3599)
-        await checks.deliver_once(sent, delivery)
+        await deliver()
         clock.advance(2)
-        await checks.deliver_once(sent, delivery)
+        await deliver()
 
     asyncio.run(run())
     assert len(delivery.messages) == 2

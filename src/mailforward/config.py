@@ -16,8 +16,9 @@ import ipaddress
 import os
 import socket
 import tomllib
+import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,11 +49,34 @@ def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Field metadata: a key whose unset value (None) means "the value of this other key",
+# as Postfix writes ``smtpd_client_event_limit_exceptions = $mynetworks``.
+FOLLOWS = "follows"
+
+
+def parse_networks(items: Iterable[str], key: str) -> tuple[IpNetwork, ...]:
+    """CIDR networks (a bare address is a /32 or /128; host bits are ignored), read the same
+    way for every key that lists clients, so one syntax works everywhere; the error names ``key``."""
+    networks = []
+    for item in items:
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(f"{key}: {item!r} is not a CIDR network") from None
+    return tuple(networks)
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     hostname: str = field(default_factory=_hostname)
     listen: tuple[str, ...] = ("127.0.0.1:2525",)
     mynetworks: tuple[str, ...] = ()
+    # Postfix smtpd_client_event_limit_exceptions: clients the connection limits never count.
+    # None (unset): the same as mynetworks, resolved by limit_exceptions.
+    client_limit_exceptions: tuple[str, ...] | None = field(
+        default=None, metadata={FOLLOWS: "mynetworks"})
     recipient_delimiter: str = ""
     message_size_limit: int = 10_240_000
     recipient_limit: int = 1000
@@ -84,11 +108,8 @@ class ServerSettings:
                 raise ConfigError(f"[server] public_ips: {ip!r} is not an IP address") from None
         for item in self.listen:
             parse_host_port(item, "[server] listen")
-        for net in self.mynetworks:
-            try:
-                ipaddress.ip_network(net, strict=False)
-            except ValueError:
-                raise ConfigError(f"[server] mynetworks: {net!r} is not a CIDR network") from None
+        parse_networks(self.mynetworks, "[server] mynetworks")
+        parse_networks(self.client_limit_exceptions or (), "[server] client_limit_exceptions")
         if len(self.recipient_delimiter) > 1:
             raise ConfigError("[server] recipient_delimiter: must be one character or empty")
         if self.group and not self.user:
@@ -109,6 +130,15 @@ class ServerSettings:
 
     def listen_addresses(self) -> list[tuple[str, int]]:
         return [parse_host_port(item, "[server] listen") for item in self.listen]
+
+    @property
+    def limit_exceptions(self) -> tuple[str, ...]:
+        """The clients exempt from the connection limits: ``client_limit_exceptions``, or
+        ``mynetworks`` while it is unset, so an operator's own submitters are never limited
+        unless asked for (Postfix's ``$mynetworks`` default).  The one place that resolves it."""
+        if self.client_limit_exceptions is None:
+            return self.mynetworks
+        return self.client_limit_exceptions
 
 
 @dataclass(frozen=True)
@@ -530,8 +560,19 @@ def _name_the_variable(message: str, section: str, values: Mapping[str, Any]) ->
     return message
 
 
+def _unset_allowed(kind: Any) -> Any:
+    """``X | None`` is read as ``X``: TOML has no null, so None is only ever the default
+    of a key left out (see :data:`FOLLOWS`)."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        kinds = [k for k in typing.get_args(kind) if k is not type(None)]
+        if len(kinds) == 1:
+            return kinds[0]
+    return kind
+
+
 def _coerce(name: str, value: Any, kind: Any) -> Any:
     from_env = isinstance(value, _EnvText)
+    kind = _unset_allowed(kind)
     if kind is bool:
         if from_env and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             return value.lower() in ("1", "true", "yes", "on")

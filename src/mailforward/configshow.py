@@ -2,17 +2,20 @@
 
 Only what differs from the default is shown unless ``show_all``; secrets are
 redacted (the database password; secret *files* are shown by path only, their
-contents never read here).
+contents never read here).  A key left unset that takes another key's value
+(``client_limit_exceptions``, Postfix's ``$mynetworks``) is shown by ``--all``
+as a comment with the value it has now: pasted back, it still follows.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from .config import Settings
+from .config import FOLLOWS, Settings
 
 REDACTED = "********"
 
@@ -27,6 +30,14 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:{REDACTED}@{host}"))
 
 
+@dataclass(frozen=True)
+class Follows:
+    """An unset key that has the value of ``source`` (TOML has no way to say so)."""
+
+    source: str
+    value: Any
+
+
 def effective_settings(settings: Settings, show_all: bool = False) -> dict[str, dict[str, Any]]:
     """{section: {key: value}} of the settings in force, defaults left out unless ``show_all``."""
     shown: dict[str, dict[str, Any]] = {}
@@ -36,8 +47,12 @@ def effective_settings(settings: Settings, show_all: bool = False) -> dict[str, 
         keys = {}
         for field in dataclasses.fields(values):
             value = getattr(values, field.name)
-            if show_all or value != getattr(defaults, field.name):
-                keys[field.name] = _shown(section.name, field.name, value)
+            if not show_all and value == getattr(defaults, field.name):
+                continue
+            if value is None and FOLLOWS in field.metadata:
+                source = field.metadata[FOLLOWS]
+                value = Follows(source, _shown(section.name, source, getattr(values, source)))
+            keys[field.name] = _shown(section.name, field.name, value)
         if keys:
             shown[section.name] = keys
     return shown
@@ -58,9 +73,15 @@ def as_toml(shown: dict[str, dict[str, Any]]) -> str:
     lines: list[str] = []
     for section, keys in shown.items():
         lines.append(f"[{section}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in keys.items()]
+        lines += [_toml_line(key, value) for key, value in keys.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _toml_line(key: str, value: Any) -> str:
+    if isinstance(value, Follows):
+        return f"# {key} = {_toml_value(value.value)}  (unset: follows {value.source})"
+    return f"{key} = {_toml_value(value)}"
 
 
 def _toml_value(value: Any) -> str:

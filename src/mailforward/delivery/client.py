@@ -55,6 +55,7 @@ conversion; see :data:`EIGHT_BIT_UNSUPPORTED`).  A recipient that asked for
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -176,8 +177,12 @@ def unreachable(hop: NextHop, why: str) -> Reply:
     return Reply(451, "4.4.1", f"connect to {hop.host}[{hop.address}]:{hop.port}: {why}")
 
 
+@functools.lru_cache(maxsize=4096)
 def writable(address: str) -> bool:
     """Whether ``address`` can go into our MAIL FROM or RCPT TO exactly as it is.
+
+    Asked for every address of every message, and the answer depends on the
+    address alone: remembered for the busy ones (aiosmtplib's parse is slow).
 
     It must be a plain mailbox (:func:`..addresses.is_sendable`), and
     aiosmtplib must write it unchanged: its parser drops comments and

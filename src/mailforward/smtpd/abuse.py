@@ -16,7 +16,8 @@ RCPT           alias banned (``554 5.7.1``); client recipient rate (``450
                4.7.1 Error: too many recipients from IP``, Postfix's
                ``smtpd_client_recipient_rate_limit``); alias message rate
                (``452 4.7.1``: this recipient later, the others now)
-end of DATA    duplicate suppression (:meth:`AbuseChecks.deliver_once`)
+end of DATA    duplicate suppression: asked at once (:meth:`AbuseChecks.ask_duplicates`),
+               answered right before delivery (:meth:`AbuseChecks.deliver_once`)
 =============  =================================================================
 
 Rates are counted like Postfix's anvil counts them: at the command, before
@@ -45,6 +46,13 @@ only.  A message without a Message-ID is never suppressed: two messages
 without one and with the same body may be different messages.  Only a
 delivery the client is told succeeded (our 250) is remembered, never one
 that failed or was deferred (nothing of it was delivered then).
+
+The cache is asked as soon as the message is complete, before our own work on
+it (trace field, From policy, verification, DKIM signing, ARC sealing), and its
+answer awaited right before delivery: the round trip to the supervisor or to
+Redis overlaps that work.  The key does not change meanwhile: it reads only
+the first Message-ID field and the body, and that work only adds fields above
+the header (and removes forged Authentication-Results fields).
 """
 
 from __future__ import annotations
@@ -74,7 +82,8 @@ from .session import ClientSession
 
 log = logging.getLogger("mailforward.smtpd.abuse")
 
-__all__ = ["AbuseChecks", "BanCache", "abuse_from_settings"]
+__all__ = ["AbuseChecks", "BanCache", "DuplicateQuestion", "abuse_from_settings",
+           "duplicate_keys"]
 
 BAN_LOAD_TIMEOUT = 10.0  # seconds for one reading of the ban table
 HASH_IN_THREAD = 256 * 1024  # bodies larger than this are hashed off the event loop
@@ -225,20 +234,52 @@ class AbuseChecks:
 
     # ------------------------------------------------------------ end of DATA
 
-    async def deliver_once(self, message: Message, delivery: Delivery) -> Reply:
-        """``delivery.deliver(message)``, except to destinations this message already reached."""
-        window = self.limits.duplicate_window
-        keys = await duplicate_keys(message) if window else {}
-        if not keys:
+    def ask_duplicates(self, content: bytes | bytearray,
+                       destinations: Sequence[str]) -> DuplicateQuestion | None:
+        """Start asking which of ``destinations`` this message already reached; None when
+        it is not checked (no Message-ID, or ``duplicate_window`` 0).
+
+        Asked as soon as the message is complete, answered by :meth:`deliver_once`:
+        the store's round trip overlaps our work on the message (trace field, From
+        policy, verification, signing, sealing) instead of following it.  ``content``
+        may be the message as received: the fields we add go above its header and
+        change neither its Message-ID nor its body, so the keys are those of the
+        message as delivered (:func:`duplicate_keys`).
+        """
+        if not self.limits.duplicate_window:
+            return None
+        head = header_block(content)
+        message_id = _message_id(head)
+        if not message_id:
+            return None
+        if len(content) - len(head) <= HASH_IN_THREAD:
+            keys = _keys(message_id, _sha256(content, len(head)), destinations)
+            return DuplicateQuestion(keys, self.store.ask_seen(list(keys.values())))
+        body = bytes(content[len(head):])  # copied now: the handler changes ``content``
+        keys = {}  # the task fills them in before it asks
+        return DuplicateQuestion(keys, asyncio.get_running_loop().create_task(
+            self._hash_then_ask(message_id, body, tuple(destinations), keys)))
+
+    async def _hash_then_ask(self, message_id: str, body: bytes, destinations: Sequence[str],
+                             keys: dict[str, str]) -> set[str]:
+        """A big body's question: hashed off the event loop first."""
+        body_hash = await asyncio.to_thread(_sha256, body, 0)
+        keys.update(_keys(message_id, body_hash, destinations))
+        return await self.store.seen(list(keys.values()))
+
+    async def deliver_once(self, message: Message, delivery: Delivery,
+                           question: DuplicateQuestion | None) -> Reply:
+        """``delivery.deliver(message)``, except to the destinations ``question`` (this
+        message's, from :meth:`ask_duplicates`) says it already reached."""
+        if question is None:
             return await delivery.deliver(message)
         try:
-            seen = await self.store.seen(list(keys.values()))
+            done = await question.delivered()
         except StoreUnavailable as error:
             refusal = self._unavailable("duplicates", error)
             return refusal if refusal is not None else await delivery.deliver(message)
         self._store_answered()
-        done = {dest for dest, key in keys.items() if key in seen}
-        if len(done) == len(keys):
+        if len(done) == len(question.keys):
             count_duplicates("message")
             log.info("%s: duplicate of a message already delivered to its %d destination(s): "
                      "accepted, not forwarded again", message.queue_id, len(done))
@@ -246,16 +287,19 @@ class AbuseChecks:
         if done:
             count_duplicates("destination", len(done))
             log.info("%s: already delivered to %d of %d destinations: forwarding to the others",
-                     message.queue_id, len(done), len(keys))
+                     message.queue_id, len(done), len(question.keys))
             message = dataclasses.replace(
                 message, recipients=tuple(r for r in message.recipients if r not in done))
         reply = await delivery.deliver(message)
         if reply.is_success:  # delivered or safely spooled: a retry must not send it again
-            try:
-                await self.store.remember([keys[dest] for dest in message.recipients], window)
-            except StoreUnavailable as error:
-                self._unavailable("duplicates", error)  # the message went: the 250 stands
+            await self._remember([question.keys[dest] for dest in message.recipients])
         return reply
+
+    async def _remember(self, keys: list[str]) -> None:
+        try:
+            await self.store.remember(keys, self.limits.duplicate_window)
+        except StoreUnavailable as error:
+            self._unavailable("duplicates", error)  # the message went: the 250 stands
 
     # ------------------------------------------------------------ store failures
 
@@ -280,22 +324,64 @@ class AbuseChecks:
                  ban.kind, ban.value, f" ({ban.reason})" if ban.reason else "")
 
 
+class DuplicateQuestion:
+    """One message's question to the duplicate cache (:meth:`AbuseChecks.ask_duplicates`),
+    put before our work on the message and answered after it.
+
+    Whoever asks either awaits :meth:`delivered` or calls :meth:`drop`: an
+    answer nobody wants must leave no pending task and no unretrieved exception.
+    """
+
+    def __init__(self, keys: dict[str, str], seen: asyncio.Future[set[str]]) -> None:
+        self.keys = keys  # destination -> its key in the duplicate cache
+        self._seen = seen  # the store's answer: which of the keys it remembers
+
+    async def delivered(self) -> set[str]:
+        """The destinations the message already reached; raises StoreUnavailable."""
+        seen = await self._seen
+        return {dest for dest, key in self.keys.items() if key in seen}
+
+    def drop(self) -> None:
+        """The answer is not wanted (the message was refused, or failed, before delivery)."""
+        if not self._seen.done():
+            self._seen.cancel()
+        elif not self._seen.cancelled():
+            self._seen.exception()  # retrieved: asyncio does not log it as never retrieved
+
+
 async def duplicate_keys(message: Message) -> dict[str, str]:
-    """destination -> its duplicate-cache key; empty without a Message-ID."""
+    """destination -> its duplicate-cache key; empty without a Message-ID.
+
+    The keys :meth:`AbuseChecks.ask_duplicates` asks for, made of the message as it is.
+    """
     content = message.content
     head = header_block(content)
-    ids = field_values(head, b"message-id")
-    message_id = ids[0].strip() if ids else ""
+    message_id = _message_id(head)
     if not message_id:
         return {}
-    body = bytes(content[len(head):]) if len(content) - len(head) > HASH_IN_THREAD else None
-    if body is not None:
-        body_hash = (await asyncio.to_thread(hashlib.sha256, body)).hexdigest()
+    if len(content) - len(head) > HASH_IN_THREAD:
+        body_hash = await asyncio.to_thread(_sha256, bytes(content[len(head):]), 0)
     else:
-        with memoryview(content) as view:
-            body_hash = hashlib.sha256(view[len(head):]).hexdigest()
+        body_hash = _sha256(content, len(head))
+    return _keys(message_id, body_hash, message.recipients)
+
+
+def _message_id(head: bytes) -> str:
+    """The first Message-ID field of a header section; "" without one."""
+    ids = field_values(head, b"message-id")
+    return ids[0].strip() if ids else ""
+
+
+def _sha256(content: bytes | bytearray, start: int) -> str:
+    """SHA-256 of ``content`` from ``start`` (the body), without copying it."""
+    with memoryview(content) as view:
+        return hashlib.sha256(view[start:]).hexdigest()
+
+
+def _keys(message_id: str, body_hash: str, destinations: Sequence[str]) -> dict[str, str]:
+    """destination -> its key: Message-ID, body hash and destination (case-insensitive)."""
     keys = {}
-    for destination in message.recipients:
+    for destination in destinations:
         material = f"{message_id}\n{body_hash}\n{destination.lower()}".encode("utf-8",
                                                                             "surrogateescape")
         keys[destination] = "dup:" + hashlib.sha256(material).hexdigest()

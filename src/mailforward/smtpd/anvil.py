@@ -31,8 +31,10 @@ import asyncio
 import collections
 import logging
 import socket
+from collections.abc import Iterable
 
 from ..channel import LineChannel
+from ..config import ServerSettings
 from .limits import ClientLimits
 
 log = logging.getLogger("mailforward.smtpd")
@@ -184,19 +186,44 @@ class SharedLimits(ClientLimits):
     handler's ``connected`` without yielding to the loop.  The counting
     itself happens in the supervisor; the inherited counters stay unused
     (``open_connections`` is always 0 here).
+
+    An exempt client (``[server] client_limit_exceptions``) is decided here,
+    in the worker: it costs no question and no release, so the supervisor
+    never hears of it (Postfix's smtpd does not talk to anvil for it either).
+    What the supervisor admitted is remembered per client, so a release is
+    sent exactly for those, even when a reload changed who is exempt meanwhile.
     """
 
     def __init__(self, anvil: AnvilClient, max_concurrent: int, max_rate: int,
-                 time_unit: float) -> None:
-        super().__init__(max_concurrent, max_rate, time_unit)
+                 time_unit: float, *, exceptions: Iterable[str] = ()) -> None:
+        super().__init__(max_concurrent, max_rate, time_unit, exceptions=exceptions)
         self.anvil = anvil
         self._answers: dict[str, bool] = {}
+        self._counted: collections.Counter[str] = collections.Counter()  # admitted by anvil
+
+    @classmethod
+    def for_worker(cls, anvil: AnvilClient, server: ServerSettings) -> SharedLimits:
+        """The limits ``[server]`` asks for, counted by the supervisor behind ``anvil``."""
+        return cls(anvil, server.client_connection_count_limit,
+                   server.client_connection_rate_limit, server.client_connection_rate_time_unit,
+                   exceptions=server.limit_exceptions)
 
     async def admit(self, ip: str) -> None:
-        self._answers[ip] = await self.anvil.ask(ip)
+        if not self.exempt(ip):
+            self._answers[ip] = await self.anvil.ask(ip)
 
     def connect(self, ip: str) -> bool:
-        return self._answers.pop(ip, True)
+        if self.exempt(ip):
+            return True
+        admitted = self._answers.pop(ip, True)
+        if admitted:
+            self._counted[ip] += 1
+        return admitted
 
     def disconnect(self, ip: str) -> None:
+        counted = self._counted.pop(ip, 0)
+        if not counted:
+            return  # exempt when it connected: the supervisor never counted it
+        if counted > 1:
+            self._counted[ip] = counted - 1
         self.anvil.release(ip)

@@ -38,7 +38,7 @@ from ..reply import printable
 from ..srs import SrsError, SrsRewriter, is_srs_address
 from ..tables import LookupTable
 from . import policy, replies
-from .abuse import AbuseChecks
+from .abuse import AbuseChecks, DuplicateQuestion
 from .limits import ClientLimits
 from .parameters import apply_mail_parameters, recipient_dsn
 from .replies import Reply
@@ -68,9 +68,7 @@ class SmtpHandler:
             ipaddress.ip_network(n, strict=False) for n in settings.mynetworks]
         self.postmaster = settings.postmaster or (
             f"postmaster@{self.srs_domain}" if self.srs_domain else "")
-        self.limits = ClientLimits(settings.client_connection_count_limit,
-                                   settings.client_connection_rate_limit,
-                                   settings.client_connection_rate_time_unit)
+        self.limits = ClientLimits.for_server(settings)
 
     # ------------------------------------------------------------ connection
 
@@ -83,16 +81,17 @@ class SmtpHandler:
 
     def connected(self, session: ClientSession, peer: tuple[str, int],
                   local: tuple[str, int]) -> Reply | None:
-        """Note who the client is; refuse it (421) when over its connection limits."""
+        """Note who the client is; refuse it (421) when over its connection limits (the
+        limits admit a client in ``client_limit_exceptions`` uncounted)."""
         session.client_ip, session.local_ip = peer[0], local[0]
         session.in_mynetworks = self.in_mynetworks(session.client_ip)
-        if not session.in_mynetworks and not self.limits.connect(session.client_ip):
+        if not self.limits.connect(session.client_ip):
             refusal = replies.too_many_connections(self.settings.hostname, session.client_ip)
             log.warning("%s: %s", client_name(session.client_ip), refusal)
             count_connection("refused")
             _refused("CONNECT", session, refusal, sender="")
             return refusal
-        session.admitted = not session.in_mynetworks
+        session.admitted = not self.limits.exempt(session.client_ip)
         if self.abuse is not None and (banned := self.abuse.connected(session)) is not None:
             count_connection("refused")
             _refused("CONNECT", session, banned, sender="")
@@ -285,6 +284,20 @@ class SmtpHandler:
 
     async def _forward(self, session: ClientSession, envelope: Transaction, queue_id: str,
                        content: bytearray) -> Reply:
+        """Ask the duplicate cache now, answered at delivery (abuse.py): its round trip
+        overlaps our work on the message instead of following it."""
+        duplicates = (self.abuse.ask_duplicates(content, envelope.destinations)
+                      if self.abuse is not None else None)
+        try:
+            return await self._prepare_and_deliver(session, envelope, queue_id, content,
+                                                   duplicates)
+        finally:
+            if duplicates is not None:
+                duplicates.drop()  # refused or failed before delivery: no answer left pending
+
+    async def _prepare_and_deliver(self, session: ClientSession, envelope: Transaction,
+                                   queue_id: str, content: bytearray,
+                                   duplicates: DuplicateQuestion | None) -> Reply:
         """Verify, add our trace, rewrite the envelope (SRS), sign and seal, then deliver."""
         content[:0] = self._received_header(session, envelope, queue_id)  # in place: no copy
         from_field = read_from_field(content)  # verification only adds fields above it
@@ -305,14 +318,14 @@ class SmtpHandler:
         if refusal is not None:
             return refusal
         if self.auth is not None:
-            outgoing = await self.auth.outbound(outgoing, session.client_ip)
+            outgoing = await self.auth.outbound(outgoing, session.client_ip, verdict)
         message = Message(queue_id, envelope.forward_sender, tuple(envelope.destinations),
                           outgoing, session.client_ip, envelope.smtp_utf8,
                           original_sender=envelope.mail_from, aliases=dict(envelope.aliases),
                           body=envelope.body, dsn_ret=envelope.dsn_ret,
                           dsn_envid=envelope.dsn_envid, dsn=dict(envelope.dsn))
         if self.abuse is not None:  # not again to destinations a retried message reached
-            return await self.abuse.deliver_once(message, self.delivery)
+            return await self.abuse.deliver_once(message, self.delivery, duplicates)
         return await self.delivery.deliver(message)
 
     def _message_context(self, session: ClientSession, from_field: FromField,

@@ -65,7 +65,7 @@ CUT_GRACE = 5.0  # seconds for cancelled sessions to close after the drain deadl
 # Keys whose new value SIGHUP applies, besides the [srs], [dkim], [arc] and [auth]
 # sections and [server] tls_cert/tls_key.
 RELOADED_SERVER_KEYS = ("client_connection_count_limit", "client_connection_rate_limit",
-                        "client_connection_rate_time_unit")
+                        "client_connection_rate_time_unit", "client_limit_exceptions")
 RELOADED_DATABASE_KEYS = ("cache_ttl", "negative_cache_ttl")
 
 
@@ -206,9 +206,9 @@ class MailServer:
         self.delivery = delivery
         self.handler = SmtpHandler(settings.server, table, delivery, srs, auth,
                                    own_domains=signing_domains(settings))
+        server = settings.server
         if limits is not None:
             self.handler.limits = limits
-        server = settings.server
         self.tls = (tls_context(server.tls_cert, server.tls_key)
                     if isinstance(tls, _FromSettings) else tls)
         self.engine = EngineSettings(server.hostname, server.message_size_limit,
@@ -241,8 +241,8 @@ class MailServer:
         limits = handler.limits
         if isinstance(limits, SharedLimits):
             ip = connection.wire.peer("peername")[0]
-            if not handler.in_mynetworks(ip):
-                await limits.admit(ip)  # run() asks limits.connect() before it yields
+            # no round trip for an exempt client; run() asks limits.connect() before it yields
+            await limits.admit(ip)
         await connection.run()
 
     async def start(self, sockets: Sequence[socket.socket] = ()) -> list[tuple[str, int]]:
@@ -265,7 +265,8 @@ class MailServer:
         server = settings.server
         limits.reconfigure(server.client_connection_count_limit,
                            server.client_connection_rate_limit,
-                           server.client_connection_rate_time_unit)
+                           server.client_connection_rate_time_unit,
+                           exceptions=server.limit_exceptions)
         handler = SmtpHandler(server, table if table is not None else self.handler.table,
                               self.delivery, components.srs, components.auth,
                               own_domains=signing_domains(settings))
@@ -381,10 +382,7 @@ class Service:
         limits = None
         if self.anvil is not None:
             await self.anvil.start()
-            server = c.settings.server
-            limits = SharedLimits(self.anvil, server.client_connection_count_limit,
-                                  server.client_connection_rate_limit,
-                                  server.client_connection_rate_time_unit)
+            limits = SharedLimits.for_worker(self.anvil, c.settings.server)
             self._watcher = asyncio.get_running_loop().create_task(
                 self._watch_supervisor(self.anvil))
         self.server = MailServer(c.settings, cached_table(table, c.settings), delivery, c.srs,

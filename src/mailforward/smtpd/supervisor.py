@@ -202,6 +202,7 @@ class Supervisor:
         self.user = user
         self.components = Components.load(settings)  # a bad key stops us before anything runs
         server = settings.server
+        # no exceptions here: a worker never asks about a client it exempts
         self.anvil = AnvilService(ClientLimits(server.client_connection_count_limit,
                                                server.client_connection_rate_limit,
                                                server.client_connection_rate_time_unit))
@@ -477,7 +478,8 @@ class Supervisor:
         server = self.settings.server
         self.anvil.limits.reconfigure(server.client_connection_count_limit,
                                       server.client_connection_rate_limit,
-                                      server.client_connection_rate_time_unit)
+                                      server.client_connection_rate_time_unit,
+                                      exceptions=())  # the workers apply their own
         level = apply_log_level(new)
         workers = sum(1 for w in self.workers if w.pid)
         log.info("supervisor reload: client limits %d connections, %d per %d s%s; "

@@ -21,7 +21,9 @@ Two operations cover everything the checks need:
   trying gets in again as soon as its oldest admitted event leaves the
   window.
 * :meth:`Store.seen` / :meth:`Store.remember` -- a set of keys that expire
-  after a time to live: the duplicate-suppression cache.
+  after a time to live: the duplicate-suppression cache.  :meth:`Store.ask_seen`
+  is ``seen`` put early and answered later, so that the question's round trip
+  overlaps the caller's other work.
 
 A store that cannot answer raises :class:`StoreUnavailable`, never a wrong
 answer; what to do then is the caller's policy (``[limits] redis_failure``).
@@ -29,6 +31,7 @@ answer; what to do then is the caller's policy (``[limits] redis_failure``).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -59,6 +62,9 @@ class Window:
 
 
 class Store(Protocol):
+    """What abuse control asks of shared state.  The stores subclass it explicitly, which
+    gives them the default :meth:`ask_seen` (and mypy checks them against it)."""
+
     async def admit(self, windows: Sequence[Window]) -> int | None:
         """Atomically: when every window has room, record one event in each and return
         None; otherwise record nothing and return the index of the first full window."""
@@ -67,6 +73,21 @@ class Store(Protocol):
     async def seen(self, keys: Sequence[str]) -> set[str]:
         """Which of ``keys`` are in the TTL set (remembered and not yet expired)."""
         ...
+
+    def ask_seen(self, keys: Sequence[str]) -> asyncio.Future[set[str]]:
+        """:meth:`seen`, asked now and answered by the future.
+
+        A caller with other work to do before it needs the answer (signing a
+        message, say) asks first and awaits the future after that work: the
+        store's round trip overlaps the work instead of following it.  The
+        future raises what ``seen`` would.  A caller that no longer wants the
+        answer cancels the future, or retrieves its exception when it is done
+        (else asyncio logs "exception was never retrieved").
+
+        This default runs ``seen`` in a task; a store that can send the question
+        at once hands out the future of its answer instead.
+        """
+        return asyncio.get_running_loop().create_task(self.seen(keys))
 
     async def remember(self, keys: Sequence[str], ttl: float) -> None:
         """Put ``keys`` in the TTL set for ``ttl`` seconds (an existing key's time is renewed)."""

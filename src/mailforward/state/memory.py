@@ -18,17 +18,18 @@ most once per :data:`PRUNE_INTERVAL`, and the TTL set keeps at most
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from . import Window
+from . import Store, Window
 
 PRUNE_INTERVAL = 60.0  # seconds between sweeps for expired windows and keys
 MAX_KEYS = 1_000_000  # TTL-set entries kept at most (about 150 bytes each)
 
 
-class MemoryStore:
+class MemoryStore(Store):
     def __init__(self, clock: Callable[[], float] = time.monotonic, *,
                  max_keys: int = MAX_KEYS) -> None:
         self._clock = clock
@@ -44,6 +45,12 @@ class MemoryStore:
 
     async def seen(self, keys: Sequence[str]) -> set[str]:
         return self.seen_at(keys, self._clock())
+
+    def ask_seen(self, keys: Sequence[str]) -> asyncio.Future[set[str]]:
+        """Answered at once: there is no round trip to overlap, so no task either."""
+        answer: asyncio.Future[set[str]] = asyncio.get_running_loop().create_future()
+        answer.set_result(self.seen_at(keys, self._clock()))
+        return answer
 
     async def remember(self, keys: Sequence[str], ttl: float) -> None:
         self.remember_at(keys, ttl, self._clock())

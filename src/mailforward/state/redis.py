@@ -35,7 +35,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from . import StoreUnavailable, Window
+from . import Store, StoreUnavailable, Window
 
 log = logging.getLogger("mailforward.state")
 
@@ -71,8 +71,11 @@ return 0
 """
 
 
-class RedisStore:
-    """``clock`` (seconds) replaces Redis's own clock: for tests that need exact times."""
+class RedisStore(Store):
+    """``clock`` (seconds) replaces Redis's own clock: for tests that need exact times.
+
+    :meth:`ask_seen` is the default (a task): redis-py sends a command only from a coroutine.
+    """
 
     def __init__(self, client: redis.asyncio.Redis, prefix: str, timeout: float, *,
                  clock: Callable[[], float] | None = None, description: str = "redis") -> None:

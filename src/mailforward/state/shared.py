@@ -37,14 +37,16 @@ import json
 import socket
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from ..channel import LineChannel
-from . import StoreUnavailable, Window
+from . import Store, StoreUnavailable, Window
 from .memory import MemoryStore
 
 STORE_TIMEOUT = 2.0  # seconds a worker waits for the supervisor's answer
 MAX_LINE = 1 << 20  # one request: keys of a message's destinations fit many times over
+
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- supervisor side
@@ -101,9 +103,18 @@ class StoreService:
 
 # ---------------------------------------------------------------- worker side
 
+Read = Callable[[dict[str, Any]], T]
+"""What a caller makes of the supervisor's answer to its request."""
 
-class SocketStore:
-    """A worker's store: the supervisor's, asked over the worker's channel."""
+
+class SocketStore(Store):
+    """A worker's store: the supervisor's, asked over the worker's channel.
+
+    Each request written gets a future for its answer, queued in the order the
+    supervisor answers.  :meth:`ask_seen` writes its question at once and hands
+    out that future: the question is on its way before the caller's other work,
+    and no task stands between the channel and the answer.
+    """
 
     description = "the supervisor (shared by this node's workers)"
 
@@ -113,7 +124,8 @@ class SocketStore:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._connecting: asyncio.Task[None] | None = None
-        self._waiting: collections.deque[asyncio.Future[dict[str, Any]]] = collections.deque()
+        self._waiting: collections.deque[tuple[asyncio.Future[Any], Read[Any]]] = \
+            collections.deque()
         self._lost = False
 
     async def _connect(self) -> None:
@@ -128,60 +140,77 @@ class SocketStore:
             await asyncio.shield(self._connecting)
         except OSError as error:
             raise StoreUnavailable(f"the supervisor's store: {error}") from None
-        if self._lost or self._writer is None or self._writer.is_closing():
+        writer = self._open_writer()
+        if writer is None:
             raise StoreUnavailable("the supervisor's store: channel closed")
+        return writer
+
+    def _open_writer(self) -> asyncio.StreamWriter | None:
+        """The channel, when it is connected and not closed."""
+        if self._lost or self._writer is None or self._writer.is_closing():
+            return None
         return self._writer
 
-    async def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
-        writer = await self._channel()
-        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiting.append(waiter)
-        writer.write(json.dumps(request, separators=(",", ":")).encode() + b"\n")
-        try:
-            answer = await asyncio.wait_for(asyncio.shield(waiter), self._timeout)
-        except TimeoutError:
-            raise StoreUnavailable(f"the supervisor's store: no answer within "
-                                   f"{self._timeout:g} s") from None
-        if "error" in answer:
-            raise StoreUnavailable(f"the supervisor's store: {answer['error']}")
+    def _send(self, writer: asyncio.StreamWriter, request: dict[str, Any],
+              read: Read[T]) -> asyncio.Future[T]:
+        """Write ``request`` now; the future is ``read`` of its answer, or raises
+        :class:`StoreUnavailable` (an error answer, none within the timeout, the channel lost).
+
+        A future cancelled by its caller keeps its place in the queue: its answer,
+        when it comes, is dropped.
+        """
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[T] = loop.create_future()
+        self._waiting.append((answer, read))
+        writer.write(_line(request))
+        timer = loop.call_later(self._timeout, _no_answer, answer, self._timeout)
+        answer.add_done_callback(lambda _: timer.cancel())
         return answer
+
+    async def _ask(self, request: dict[str, Any], read: Read[T]) -> T:
+        return await self._send(await self._channel(), request, read)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
             while line := await reader.readline():
                 if self._waiting:
-                    waiter = self._waiting.popleft()
-                    if not waiter.done():  # an answer to a question that timed out: dropped
-                        waiter.set_result(json.loads(line))
+                    answer, read = self._waiting.popleft()
+                    if not answer.done():  # else timed out or no longer wanted: dropped
+                        _settle(answer, read, json.loads(line))
         except (ConnectionError, OSError, ValueError):
             pass
         finally:
             self._lost = True
             while self._waiting:
-                waiter = self._waiting.popleft()
-                if not waiter.done():
-                    waiter.set_exception(StoreUnavailable("the supervisor's store: channel closed"))
+                answer, _ = self._waiting.popleft()
+                if not answer.done():
+                    answer.set_exception(StoreUnavailable("the supervisor's store: channel closed"))
 
     async def admit(self, windows: Sequence[Window]) -> int | None:
         if not windows:
             return None
-        answer = await self._ask({"op": "admit", "windows": [[w.key, w.limit, w.seconds]
-                                                              for w in windows]})
-        full = answer.get("full")
-        return None if full is None else int(full)
+        return await self._ask({"op": "admit", "windows": [[w.key, w.limit, w.seconds]
+                                                           for w in windows]}, _full_window)
 
     async def seen(self, keys: Sequence[str]) -> set[str]:
         if not keys:
             return set()
-        return set((await self._ask({"op": "seen", "keys": list(keys)}))["seen"])
+        return await self._ask({"op": "seen", "keys": list(keys)}, _seen_keys)
+
+    def ask_seen(self, keys: Sequence[str]) -> asyncio.Future[set[str]]:
+        """The question written now, when the channel is open (else connecting first, in a task)."""
+        writer = self._open_writer()
+        if writer is None:
+            return super().ask_seen(keys)
+        return self._send(writer, {"op": "seen", "keys": list(keys)}, _seen_keys)
 
     async def remember(self, keys: Sequence[str], ttl: float) -> None:
         """Told, not asked: the supervisor applies it in order with this worker's later
         questions, and the sender's 250 does not wait a round trip for it."""
         if keys:
             writer = await self._channel()
-            writer.write(json.dumps({"op": "remember", "keys": list(keys), "ttl": ttl,
-                                     "quiet": True}, separators=(",", ":")).encode() + b"\n")
+            writer.write(_line({"op": "remember", "keys": list(keys), "ttl": ttl,
+                                "quiet": True}))
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -191,3 +220,33 @@ class SocketStore:
             self._reader_task.cancel()
         if self._writer is None:
             self._sock.close()
+
+
+def _line(request: dict[str, Any]) -> bytes:
+    return json.dumps(request, separators=(",", ":")).encode() + b"\n"
+
+
+def _settle(answer: asyncio.Future[T], read: Read[T], reply: dict[str, Any]) -> None:
+    """The supervisor's reply to a pending request, made its answer."""
+    if "error" in reply:
+        answer.set_exception(StoreUnavailable(f"the supervisor's store: {reply['error']}"))
+        return
+    try:
+        answer.set_result(read(reply))
+    except (KeyError, TypeError, ValueError) as error:
+        answer.set_exception(StoreUnavailable(f"the supervisor's store: bad answer: {error!r}"))
+
+
+def _no_answer(answer: asyncio.Future[Any], timeout: float) -> None:
+    if not answer.done():
+        answer.set_exception(StoreUnavailable(f"the supervisor's store: no answer within "
+                                              f"{timeout:g} s"))
+
+
+def _full_window(reply: dict[str, Any]) -> int | None:
+    full = reply.get("full")
+    return None if full is None else int(full)
+
+
+def _seen_keys(reply: dict[str, Any]) -> set[str]:
+    return {str(key) for key in reply["seen"]}
