@@ -12,7 +12,7 @@ import pytest
 from mailforward.auth import executors
 from mailforward.auth.arc import ArcSealer, sealer_from_settings
 from mailforward.auth.dkim import DkimSigner, generate_key, load_dkim
-from mailforward.auth.pipeline import SIGN_ON_LOOP_LIMIT, MessageAuthenticator
+from mailforward.auth.pipeline import MessageAuthenticator
 from mailforward.auth.verify import Verifier
 from mailforward.config import ArcSettings, AuthSettings, DkimSettings, Settings
 from mailforward.errors import ConfigError, DmarcRejected, SpfRejected
@@ -142,7 +142,7 @@ async def test_big_messages_are_signed_in_the_cpu_pool(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     auth = forwarding_signer(tmp_path)
     threads = signing_threads(auth, monkeypatch)
-    big = message("x@example.org") + (b"x" * 78 + b"\r\n") * (SIGN_ON_LOOP_LIMIT // 80 + 1)
+    big = message("x@example.org") + (b"x" * 78 + b"\r\n") * (executors.ON_LOOP_LIMIT // 80 + 1)
     signed = await auth.outbound(big, "127.0.0.1")
     assert signed.startswith(b"DKIM-Signature: ")
     assert len(threads) == 1 and threads[0].startswith(executors.CPU.name)

@@ -19,6 +19,7 @@ from mailforward.auth.verify import Verifier
 from mailforward.delivery.routing import MxRouter, TemporaryRoutingError
 from mailforward.dns import (
     Answer,
+    CacheOnlyResolver,
     DnsTemporaryError,
     make_resolver,
     make_sync_resolver,
@@ -199,3 +200,33 @@ async def test_verifier_dkim_treats_refused_key_lookup_as_temperror(nameserver: 
 async def test_check_treats_refused_as_a_temporary_failure(nameserver: str) -> None:
     result = await check_dmarc(make_resolver([nameserver], TIMEOUT), "refused.test")
     assert result.reason.startswith("DNS lookup failed (temporary): _dmarc.refused.test TXT")
+
+
+# --- answers from the cache alone (verification on the loop)
+
+
+def test_cache_only_resolver_answers_what_the_cache_holds(nameserver: str) -> None:
+    resolver = make_sync_resolver([nameserver], TIMEOUT)
+    assert txt_records_sync(resolver, "here.test") == [b"firstsecond", b"other"]
+    cached = CacheOnlyResolver(resolver)
+    assert txt_records_sync(cached, "here.test") == [b"firstsecond", b"other"]
+    assert cached.misses == 0
+
+
+def test_cache_only_resolver_counts_a_miss_as_a_temporary_error() -> None:
+    silent = SilentNameserver()  # anything sent there would go unanswered until the timeout
+    with silent:
+        cached = CacheOnlyResolver(make_sync_resolver([silent.nameserver], TIMEOUT))
+        started = time.monotonic()
+        with pytest.raises(DnsTemporaryError):
+            txt_records_sync(cached, "here.test")
+        assert time.monotonic() - started < TIMEOUT / 2  # nobody was asked
+    assert cached.misses == 1
+
+
+def test_cache_only_resolver_answers_a_cached_nxdomain(nameserver: str) -> None:
+    resolver = make_sync_resolver([nameserver], TIMEOUT)
+    assert resolve_sync(resolver, "missing.here.test", "TXT").nxdomain
+    cached = CacheOnlyResolver(resolver)
+    assert resolve_sync(cached, "missing.here.test", "TXT").nxdomain
+    assert cached.misses == 0

@@ -29,6 +29,7 @@ from mailforward.auth.verify import (
     check_spf,
     strip_forged_results,
 )
+from mailforward.dns import CacheOnlyResolver
 
 from dns_server import SilentNameserver
 
@@ -382,29 +383,62 @@ async def test_verify_survives_garbage_message(verifier: Verifier) -> None:
 
 # --- Which pool does what ------------------------------------------------------
 
-async def test_lookups_run_in_the_dns_pool_and_rsa_in_the_cpu_pool(
+class Recorder:
+    """Where verification looked names up and checked RSA: (thread, resolver kind) each."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.lookups: list[tuple[str, bool]] = []  # (thread, from the cache alone)
+        self.rsa_checks: list[str] = []
+        real_lookup, real_rsa = verify_module.txt_records_sync, dkim.RSASSA_PKCS1_v1_5_verify
+
+        def recording_lookup(resolver: object, *args: object, **kwargs: object) -> list[bytes]:
+            self.lookups.append((threading.current_thread().name,
+                                 isinstance(resolver, CacheOnlyResolver)))
+            return real_lookup(resolver, *args, **kwargs)  # type: ignore[arg-type]
+
+        def recording_rsa(*args: object) -> bool:
+            self.rsa_checks.append(threading.current_thread().name)
+            return bool(real_rsa(*args))
+
+        monkeypatch.setattr(verify_module, "txt_records_sync", recording_lookup)
+        monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_verify", recording_rsa)
+
+    def network_lookups(self) -> list[str]:
+        return [thread for thread, cached in self.lookups if not cached]
+
+
+async def test_lookups_the_cache_cannot_answer_run_in_the_dns_pool(
         verifier: Verifier, monkeypatch: pytest.MonkeyPatch) -> None:
-    """DNS waits never hold a CPU worker, RSA never runs where lookups wait (nor on the loop)."""
-    lookups: list[str] = []
-    rsa_checks: list[str] = []
-    real_lookup, real_rsa = verify_module.txt_records_sync, dkim.RSASSA_PKCS1_v1_5_verify
-
-    def recording_lookup(*args: object, **kwargs: object) -> list[bytes]:
-        lookups.append(threading.current_thread().name)
-        return real_lookup(*args, **kwargs)  # type: ignore[arg-type]
-
-    def recording_rsa(*args: object) -> bool:
-        rsa_checks.append(threading.current_thread().name)
-        return bool(real_rsa(*args))
-
-    monkeypatch.setattr(verify_module, "txt_records_sync", recording_lookup)
-    monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_verify", recording_rsa)
+    """A DNS wait never holds the loop nor a CPU worker."""
+    recorder = Recorder(monkeypatch)
     verdict = await verifier.verify(sealed(signed(message())), CLIENT, "mx.helo.test",
                                     "a@example.test")
     assert [d.result for d in verdict.dkim] == ["pass"] and verdict.arc == "pass"
-    assert len(lookups) >= 3 and len(rsa_checks) == 3  # DKIM-Signature, AMS, AS
-    assert all(name.startswith(executors.DNS.name) for name in lookups), lookups
-    assert all(name.startswith(executors.CPU.name) for name in rsa_checks), rsa_checks
+    assert len(recorder.network_lookups()) >= 3
+    assert all(name.startswith(executors.DNS.name) for name in recorder.network_lookups())
+
+
+async def test_a_message_whose_records_are_cached_is_verified_on_the_loop(
+        verifier: Verifier, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No thread hand-off, and no GIL held by a pool thread, for what the cache answers."""
+    mail = sealed(signed(message()))
+    first = await verifier.verify(mail, CLIENT, "mx.helo.test", "a@example.test")
+    recorder = Recorder(monkeypatch)
+    again = await verifier.verify(mail, CLIENT, "mx.helo.test", "a@example.test")
+    assert again == first
+    assert recorder.network_lookups() == []
+    assert recorder.rsa_checks == [threading.current_thread().name] * 3  # DKIM, AMS, AS
+
+
+async def test_rsa_of_a_big_message_is_checked_in_the_cpu_pool(
+        verifier: Verifier, monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = Recorder(monkeypatch)
+    body = "x" * 78 + "\r\n"
+    big = signed(message(body=body * (executors.ON_LOOP_LIMIT // len(body) + 1)))
+    verdict = await verifier.verify(big, CLIENT, "mx.helo.test", "a@example.test")
+    assert [d.result for d in verdict.dkim] == ["pass"]
+    assert recorder.rsa_checks and all(name.startswith(executors.CPU.name)
+                                       for name in recorder.rsa_checks)
 
 
 async def test_a_key_record_is_fetched_once_for_signatures_sharing_it(
@@ -413,7 +447,8 @@ async def test_a_key_record_is_fetched_once_for_signatures_sharing_it(
     real_lookup = verify_module.txt_records_sync
 
     def recording_lookup(resolver: object, name: str) -> list[bytes]:
-        asked.append(name)
+        if not isinstance(resolver, CacheOnlyResolver):  # what the DNS server was asked
+            asked.append(name)
         return real_lookup(resolver, name)  # type: ignore[arg-type]
 
     monkeypatch.setattr(verify_module, "txt_records_sync", recording_lookup)

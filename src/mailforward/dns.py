@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import dns.asyncresolver
 import dns.exception
@@ -41,6 +41,7 @@ from .ops.metrics import dns_timer
 __all__ = [
     "MAX_ATTEMPT_TIMEOUT",
     "Answer",
+    "CacheOnlyResolver",
     "DnsTemporaryError",
     "make_resolver",
     "make_sync_resolver",
@@ -110,6 +111,35 @@ def make_resolver(nameservers: Sequence[str], timeout: float) -> dns.asyncresolv
 def make_sync_resolver(nameservers: Sequence[str], timeout: float) -> dns.resolver.Resolver:
     """The same, blocking: for libraries that resolve synchronously (pyspf, dkimpy)."""
     return _configure(dns.resolver.Resolver, nameservers, timeout)
+
+
+class CacheOnlyResolver(dns.resolver.Resolver):
+    """Answers from another resolver's cache alone, and counts what it could not answer.
+
+    Verification's libraries block, so their lookups run in a thread pool --
+    and then their pure-Python work runs there too, holding the GIL the event
+    loop needs (every socket write of the loop then waits for it).  Most
+    lookups are answered from the cache (one sender domain's SPF and DMARC
+    records, again and again), so a check is first tried on the loop with
+    this resolver: a name not cached fails at once, as a temporary error,
+    without a packet sent; ``misses`` says so, and the caller runs the check
+    again, in the pool, with the real resolver.
+    """
+
+    def __init__(self, resolver: dns.resolver.Resolver) -> None:
+        super().__init__(configure=False)
+        self.nameservers = []  # nobody to ask: a miss is NoNameservers, at once
+        self.cache = resolver.cache
+        self.lifetime = resolver.lifetime
+        self.timeout = resolver.timeout
+        self.misses = 0
+
+    def resolve(self, *args: Any, **kwargs: Any) -> dns.resolver.Answer:
+        try:
+            return super().resolve(*args, **kwargs)
+        except dns.resolver.NoNameservers:
+            self.misses += 1
+            raise
 
 
 R = TypeVar("R", dns.asyncresolver.Resolver, dns.resolver.Resolver)

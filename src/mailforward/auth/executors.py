@@ -35,13 +35,23 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
-__all__ = ["CPU", "DNS", "DNS_WORKERS", "WorkPool", "cpu_workers", "run_cpu", "run_dns"]
+__all__ = ["CPU", "DNS", "DNS_WORKERS", "ON_LOOP_LIMIT", "WorkPool", "cpu_workers", "run_cpu",
+           "run_dns"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 DNS_WORKERS = 32
 """Concurrent blocking DNS lookups for verification (per process)."""
+
+ON_LOOP_LIMIT = 64 * 1024
+"""Messages up to this size are signed, sealed and verified on the event loop, not in
+:data:`CPU`.  For them the work is well under a millisecond of Python around OpenSSL's
+RSA -- less than a thread hand-off, and a Python-heavy pool thread holds the GIL that
+every socket write of the loop must take back (measured at 1 KB: a quarter more signed
+messages per second on the loop).  The loop stays responsive because each worker process
+has its own, one per CPU.  Canonicalizing a big message is what would stall a loop, so
+bigger messages still go to the pool."""
 
 
 def cpu_workers() -> int:

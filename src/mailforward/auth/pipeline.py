@@ -17,7 +17,7 @@ from ..config import Settings
 from ..errors import DmarcRejected, SpfRejected
 from .arc import ArcSealer, sealer_from_settings
 from .dkim import DkimSigner, load_dkim
-from .executors import run_cpu
+from .executors import ON_LOOP_LIMIT, run_cpu
 from .signing import SigningInput
 from .verify import AuthVerdict, Verifier, strip_forged_results
 
@@ -25,15 +25,6 @@ log = logging.getLogger("mailforward.auth")
 
 Content = bytes | bytearray
 """A message as the SMTP engine hands it over; copied only when there is work to do."""
-
-SIGN_ON_LOOP_LIMIT = 64 * 1024
-"""Messages up to this size are signed and sealed on the event loop, larger ones in the
-CPU pool.  Small ones take well under a millisecond of Python around the RSA, less than
-the hand-off to a thread and the GIL contention a Python-heavy thread causes the loop
-(measured: 25 % more signed messages per second inline at 1 KB); the loop stays
-responsive because each worker process has its own, one per CPU.  Canonicalizing a big
-message is what would stall a loop, so those still go to the pool."""
-
 
 class MessageAuthenticator:
     def __init__(self, verifier: Verifier | None, signer: DkimSigner | None,
@@ -81,12 +72,12 @@ class MessageAuthenticator:
 
         ``verdict``: our verification of the message, whose Authentication-Results
         the seal carries.  Big messages are signed in the auth CPU pool
-        (``executors.CPU``), small ones on the loop (:data:`SIGN_ON_LOOP_LIMIT`).
+        (``executors.CPU``), small ones on the loop (``executors.ON_LOOP_LIMIT``).
         """
         if self.signer is None and self.sealer is None:
             return content
         results = verdict.header.partition(b":")[2] if verdict is not None else None
-        if len(content) <= SIGN_ON_LOOP_LIMIT:
+        if len(content) <= ON_LOOP_LIMIT:
             return self._sign_and_seal(bytes(content), client_ip, results)
         return await run_cpu(self._sign_and_seal, bytes(content), client_ip, results)
 

@@ -53,7 +53,7 @@ import re
 from collections.abc import Callable, Collection, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 import dkim  # type: ignore[import-untyped]
 import dns.rdata
@@ -66,7 +66,13 @@ from dns.rdtypes.IN.AAAA import AAAA
 from dns.rdtypes.txtbase import TXTBase
 
 from ..addresses import normalize_domain
-from ..dns import DnsTemporaryError, make_sync_resolver, resolve_sync, txt_records_sync
+from ..dns import (
+    CacheOnlyResolver,
+    DnsTemporaryError,
+    make_sync_resolver,
+    resolve_sync,
+    txt_records_sync,
+)
 from ..errors import AddressError
 from ..headerfields import dkimpy_parse, dkimpy_view, field_name, header_block, split_header
 from . import rsa_openssl
@@ -78,7 +84,7 @@ from .dmarc import (
     from_domain_of,
     org_domain,
 )
-from .executors import run_cpu, run_dns
+from .executors import ON_LOOP_LIMIT, run_cpu, run_dns
 
 __all__ = [
     "MAX_DKIM_SIGNATURES",
@@ -98,6 +104,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 SPF_TIME_LIMIT = 20.0
 """Wall-clock bound on one SPF evaluation, all lookups together (RFC 7208 4.6.4)."""
@@ -598,27 +605,54 @@ class Verifier:
 
     async def verify(self, message: bytes, client_ip: str, helo: str,
                      mail_from: str) -> AuthVerdict:
-        """SPF, DKIM and ARC side by side in the auth pools (the libraries block), then DMARC.
+        """SPF, DKIM and ARC side by side, then DMARC.
 
         Whether there are signatures or seals at all is seen here, on the loop
         (a scan of the field names): most mail has no ARC set and much has no
-        DKIM signature, and a thread hand-off for nothing costs more than the scan.
-        Without signatures, DMARC needs only SPF: both run in one DNS-pool call.
+        DKIM signature.  Without signatures, DMARC needs only SPF: both run
+        as one piece of work.  Lookups are tried from the cache first, on the
+        loop (:meth:`_lookups`); DKIM and ARC arithmetic is done on the loop
+        for small messages (:meth:`_arithmetic`).
         """
         names = {field_name(f) for f in split_header(message)[0]}
         signed, sealed = not DKIM_FIELDS.isdisjoint(names), not ARC_FIELDS_SET.isdisjoint(names)
         if not signed and not sealed:
-            spf_verdict, (dmarc, policy, from_domain) = await run_dns(
-                _check_spf_and_dmarc, self.resolver, message, client_ip, mail_from, helo)
+            spf_verdict, (dmarc, policy, from_domain) = await self._lookups(
+                _check_spf_and_dmarc, message, client_ip, mail_from, helo)
             return self._verdict(mail_from, spf_verdict, (), dmarc, policy, from_domain, "none")
         spf_verdict, dkim_verdicts, arc = await asyncio.gather(
-            run_dns(_check_spf, self.resolver, client_ip, mail_from, helo),
+            self._lookups(_check_spf, client_ip, mail_from, helo),
             self._dkim(message) if signed else _nothing(()),
             self._arc(message) if sealed else _nothing("none"))
-        dmarc, policy, from_domain = await run_dns(
-            _check_dmarc, self.resolver, message, spf_verdict, dkim_verdicts)
+        dmarc, policy, from_domain = await self._lookups(
+            _check_dmarc, message, spf_verdict, dkim_verdicts)
         return self._verdict(mail_from, spf_verdict, dkim_verdicts, dmarc, policy, from_domain,
                              arc)
+
+    async def _lookups(self, work: Callable[Concatenate[dns.resolver.Resolver, P], T],
+                       *args: P.args, **kwargs: P.kwargs) -> T:
+        """``work(resolver, ...)`` on the loop if the cache answers every lookup it makes,
+        else again in the DNS pool with the real resolver.
+
+        The libraries' Python work in a pool thread holds the GIL the loop
+        needs; answered from the cache it is short, and done here it contends
+        with nothing.  A check that needed a name not cached is run again from
+        the start (it is a pure function of the answers), so its verdict is
+        the one the pool alone would give.
+        """
+        cached = CacheOnlyResolver(self.resolver)
+        result = work(cached, *args, **kwargs)
+        if not cached.misses:
+            return result
+        return await run_dns(work, self.resolver, *args, **kwargs)
+
+    async def _arithmetic(self, message: bytes, work: Callable[P, T],
+                          *args: P.args, **kwargs: P.kwargs) -> T:
+        """DKIM/ARC verification: on the loop for a small ``message``, else in the CPU pool
+        (canonicalizing a big one would stall the loop)."""
+        if len(message) <= ON_LOOP_LIMIT:
+            return work(*args, **kwargs)
+        return await run_cpu(work, *args, **kwargs)
 
     def _verdict(self, mail_from: str, spf_verdict: SpfVerdict,
                  dkim_verdicts: tuple[DkimVerdict, ...], dmarc: str, policy: str,
@@ -628,10 +662,10 @@ class Verifier:
         return AuthVerdict(spf_verdict, dkim_verdicts, dmarc, policy, from_domain, arc, header)
 
     async def _dkim(self, message: bytes) -> tuple[DkimVerdict, ...]:
-        """Key records in the DNS pool, then the signatures checked in the CPU pool."""
-        answers = await run_dns(_fetch_keys, self.resolver, _dkim_key_names, message)
-        return await run_cpu(_verify_dkim, self.resolver, message, answers)
+        """Key records looked up first, then the signatures checked against those answers."""
+        answers = await self._lookups(_fetch_keys, _dkim_key_names, message)
+        return await self._arithmetic(message, _verify_dkim, self.resolver, message, answers)
 
     async def _arc(self, message: bytes) -> str:
-        answers = await run_dns(_fetch_keys, self.resolver, _arc_key_names, message)
-        return await run_cpu(_verify_arc, self.resolver, message, answers)
+        answers = await self._lookups(_fetch_keys, _arc_key_names, message)
+        return await self._arithmetic(message, _verify_arc, self.resolver, message, answers)
