@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Iterable, Mapping
 
@@ -16,6 +17,7 @@ from mailforward.smtpd.policy import (
     ACCEPT,
     CONTINUE,
     HELO_CHECKS,
+    INSTANT_CHECKS,
     RELAY_CHECKS,
     SENDER_CHECKS,
     PolicyContext,
@@ -542,6 +544,18 @@ async def test_timeout_applies_to_each_check_not_the_whole_phase() -> None:
         await asyncio.sleep(0.06)
         return CONTINUE
     assert await run_checks((slowish, slowish, slowish), make_ctx(), timeout=0.5) is None
+
+
+def test_checks_run_without_a_timer_look_nothing_up() -> None:
+    """An instant check gets no timeout, so it must have nothing to wait for."""
+    assert INSTANT_CHECKS
+    for check in INSTANT_CHECKS:
+        assert "await" not in inspect.getsource(check), check.__name__
+
+
+def test_checks_that_look_things_up_are_not_instant() -> None:
+    assert reject_forged_local_sender not in INSTANT_CHECKS
+    assert reject_unauth_destination not in INSTANT_CHECKS
 
 
 async def test_check_raising_builtin_timeout_error_is_temporary_lookup_failure() -> None:
