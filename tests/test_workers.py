@@ -418,7 +418,8 @@ def test_sender_rate_limit_is_exact_across_workers(
         for pid, count in ((first, 3), (second, 5)):
             assert len(served.find(rf"\[{pid}\]: .*client=unknown\[127\.0\.0\.1\]")) \
                 + len(served.find(rf"\[{pid}\]: NOQUEUE: reject: MAIL")) == count
-        assert len(served.find(r"limits: counters and duplicate cache in the supervisor")) == 2
+        assert len(served.find(r"limits: counters in the supervisor \(shared by this node.s workers\), "
+                               r"duplicate cache in memory shared")) == 2
     finally:
         served.close()
 

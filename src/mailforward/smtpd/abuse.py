@@ -49,10 +49,12 @@ that failed or was deferred (nothing of it was delivered then).
 
 The cache is asked as soon as the message is complete, before our own work on
 it (trace field, From policy, verification, DKIM signing, ARC sealing), and its
-answer awaited right before delivery: the round trip to the supervisor or to
-Redis overlaps that work.  The key does not change meanwhile: it reads only
-the first Message-ID field and the body, and that work only adds fields above
-the header (and removes forged Authentication-Results fields).
+answer awaited right before delivery: the round trip to Redis overlaps that
+work.  (With workers and no Redis there is none to overlap: the cache is a
+table in memory the workers share, ``state/duplicates.py``.)  The key does
+not change meanwhile: it reads only the first Message-ID field and the body,
+and that work only adds fields above the header (and removes forged
+Authentication-Results fields).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ from ..headerfields import field_values, header_block
 from ..ops.logs import client_name
 from ..ops.metrics import count_ban_match, count_duplicates, count_store_error
 from ..state import Store, StoreUnavailable, Window, open_store
+from ..state.duplicates import SharedDuplicateTable, TableBackedStore
 from ..state.shared import SocketStore
 from ..tables.bans import Ban, BanReader, BanSet
 from . import replies
@@ -399,26 +402,35 @@ def _mailbox(path: str) -> Address | None:
         return None
 
 
-async def abuse_from_settings(settings: Settings,
-                              store_socket: socket.socket | None = None) -> AbuseChecks:
+async def abuse_from_settings(settings: Settings, store_socket: socket.socket | None = None,
+                              duplicates: SharedDuplicateTable | None = None) -> AbuseChecks:
     """The checks ``[limits]`` asks for, bans read once already.  ``await close()`` at the end.
 
     ``store_socket``: in a worker process, its channel to the supervisor's store
     (``state/shared.py``), so that the node's workers count together; the
     supervisor makes none when ``[limits]`` names Redis (one is closed unused).
+    ``duplicates``: beside it, the duplicate table the supervisor mapped for its
+    workers (``state/duplicates.py``): the duplicate question is then answered
+    from shared memory, with no round trip, and only rates go to the supervisor.
     """
     limits = settings.limits
-    store: Store
-    if store_socket is not None and not limits.shared:
-        store = SocketStore(store_socket)
-    else:
-        if store_socket is not None:
-            store_socket.close()
-        store = open_store(limits)
+    store = _store(limits, store_socket, duplicates)
     bans = BanCache(BanReader(settings.database), limits.ban_cache_ttl)
     checks = AbuseChecks(limits, store, bans, delimiter=settings.server.recipient_delimiter)
     await checks.start()
-    where = getattr(store, "description", "this process")
-    log.info("limits: counters and duplicate cache in %s; %d bans in force", where,
-             len(bans.current))
+    counters = getattr(store, "description", "this process")
+    log.info("limits: counters in %s, duplicate cache in %s; %d bans in force", counters,
+             getattr(store, "duplicates_description", counters), len(bans.current))
     return checks
+
+
+def _store(limits: LimitsSettings, store_socket: socket.socket | None,
+           duplicates: SharedDuplicateTable | None) -> Store:
+    """Redis when ``[limits]`` names it; else a worker's channel to its supervisor (with the
+    shared duplicate table when there is one); else this process."""
+    if store_socket is None or limits.shared:
+        if store_socket is not None:
+            store_socket.close()
+        return open_store(limits)
+    counters = SocketStore(store_socket)
+    return counters if duplicates is None else TableBackedStore(duplicates, counters)

@@ -55,6 +55,7 @@ log = logging.getLogger("mailforward.smtpd")
 
 if TYPE_CHECKING:
     from ..ops.health import HealthServer
+    from ..state.duplicates import SharedDuplicateTable
 
 RETRY_INTERVAL = 10.0  # seconds between looks at the spool for due messages
 READY_TIMEOUT = 5.0  # seconds /readyz waits for the lookup table
@@ -316,18 +317,23 @@ class Service:
     binds ``[server] listen`` itself.  ``anvil`` and ``store`` are a worker's
     channels to its supervisor: the shared client connection limits, and
     the shared ``[limits]`` store (``state/shared.py``); without them the
-    process counts alone.  ``runs_retries``: this process runs the
-    spool's retry scheduler (exactly one process per spool may).
+    process counts alone.  ``duplicates``: the duplicate table the supervisor
+    mapped for its workers (``state/duplicates.py``).  ``runs_retries``:
+    this process runs the spool's retry scheduler (exactly one process per
+    spool may).
     """
 
     def __init__(self, components: Components, config_path: str | None = None, *,
                  sockets: Sequence[socket.socket] = (), anvil: socket.socket | None = None,
-                 store: socket.socket | None = None, runs_retries: bool = True) -> None:
+                 store: socket.socket | None = None,
+                 duplicates: SharedDuplicateTable | None = None,
+                 runs_retries: bool = True) -> None:
         self.components = components
         self.config_path = config_path
         self.sockets = sockets
         self.anvil = AnvilClient(anvil) if anvil is not None else None
         self.store_socket = store
+        self.duplicates = duplicates
         self.runs_retries = runs_retries
         self.server: MailServer | None = None
         self.abuse: AbuseChecks | None = None  # issue 15: set in run()
@@ -345,7 +351,8 @@ class Service:
         settings = self.components.settings
         delivery, scheduler = build_delivery(settings)  # before the table: nothing to close
         self._table = table = await open_table(settings.database, cached=False)
-        self.abuse = await abuse_from_settings(settings, self.store_socket)  # [limits], bans
+        self.abuse = await abuse_from_settings(settings, self.store_socket,  # [limits], bans
+                                               self.duplicates)
         retries: asyncio.Task[None] | None = None
         health = None
         try:

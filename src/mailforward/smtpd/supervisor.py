@@ -11,9 +11,11 @@ The supervisor serves no mail itself.  It
 * plays anvil(8): one count of connections per client for all workers
   (``anvil.py``), released when a worker dies with its clients;
 * keeps the ``[limits]`` store when no Redis is configured: one
-  ``MemoryStore`` for the rate windows and the duplicate cache of every
-  worker (``state/shared.py``), so limits and duplicate suppression are
-  exact across workers and outlive a worker's death;
+  ``MemoryStore`` for the rate windows of every worker
+  (``state/shared.py``), so rate limits are exact across workers and
+  outlive a worker's death; and maps, before the first fork, the
+  duplicate cache: a table in shared memory that every worker reads and
+  writes directly, never asking the supervisor (``state/duplicates.py``);
 * forwards SIGTERM, SIGINT and SIGHUP to every worker.  On SIGTERM/SIGINT
   it closes its own copy of the listening sockets, waits while the workers
   drain (killing any still there ``drain_timeout`` + 10 s later), and exits
@@ -33,7 +35,7 @@ its event loop runs.
 
 Each worker has two channels to the supervisor, Unix socket pairs made
 before its fork: the anvil's and the store's (``channel.py``); one selector
-serves both.
+serves both.  The duplicate table needs none: it is memory, not a service.
 
 The supervisor runs no event loop and no threads: it forks from a plain
 selector loop, with the forwarded signals blocked around the fork, so a
@@ -64,6 +66,7 @@ from dataclasses import dataclass, field
 from ..channel import LineChannel
 from ..config import Settings, load_settings
 from ..errors import ConfigError, MailforwardError
+from ..state.duplicates import SharedDuplicateTable
 from ..state.shared import StoreChannel, StoreService
 from .anvil import AnvilChannel, AnvilService
 from .limits import ClientLimits
@@ -159,11 +162,13 @@ def describe_exit(status: int) -> str:
 
 def run_worker(components: Components, config_path: str | None,
                listeners: list[socket.socket], anvil: socket.socket,
-               store: socket.socket | None, index: int) -> int:
+               store: socket.socket | None, index: int,
+               duplicates: SharedDuplicateTable | None = None) -> int:
     """A worker's life, in the forked child; its exit code."""
     try:
         asyncio.run(Service(components, config_path, sockets=listeners, anvil=anvil,
-                            store=store, runs_retries=index == 0).run())
+                            store=store, duplicates=duplicates,
+                            runs_retries=index == 0).run())
     except (MailforwardError, OSError) as error:
         log.error("worker %d cannot serve: %s", index, error)
         return 1
@@ -206,8 +211,10 @@ class Supervisor:
         self.anvil = AnvilService(ClientLimits(server.client_connection_count_limit,
                                                server.client_connection_rate_limit,
                                                server.client_connection_rate_time_unit))
-        # [limits] without Redis: one store for every worker (fixed until a restart)
+        # [limits] without Redis: one store for every worker's rates, and one duplicate
+        # table they share, mapped now so that every fork inherits it (fixed until a restart)
         self.store = StoreService() if not settings.limits.shared else None
+        self.duplicates = SharedDuplicateTable() if self.store is not None else None
         self.workers = [Worker(index) for index in range(server.workers)]
         self.listeners: list[socket.socket] = []
         self.selector = selectors.DefaultSelector()
@@ -256,6 +263,8 @@ class Supervisor:
             os.close(self._wake_w)
             for sock in self.listeners:
                 sock.close()
+            if self.duplicates is not None:  # no worker left to use it
+                self.duplicates.close()
         if self.failure:
             raise MailforwardError(self.failure)
         log.info("stopped")
@@ -390,7 +399,7 @@ class Supervisor:
                 for link in other.links:
                     link.channel.close()
             code = run_worker(self.components, self.config_path, self.listeners, anvil, store,
-                              worker.index)
+                              worker.index, self.duplicates)
         except BaseException:  # noqa: BLE001  (nothing may return into the supervisor's code)
             log.exception("worker %d failed", worker.index)
         finally:

@@ -9,6 +9,10 @@ behind one small interface, :class:`Store`, with two implementations:
   that names the same server (``[limits] redis_url``); each operation is
   one atomic Lua script or one pipeline, and has a timeout.
 
+A node's worker processes without Redis use the supervisor's ``MemoryStore``
+for rates (``shared.py``) and a table in shared memory for duplicates
+(``duplicates.py``).
+
 Two operations cover everything the checks need:
 
 * :meth:`Store.admit` -- rate limits.  A sliding window counts the events

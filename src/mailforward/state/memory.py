@@ -8,8 +8,9 @@ I/O, so one instance can also be kept by a process without an event loop
 limits in ``smtpd/anvil.py``).
 
 A node's worker processes share the one instance their supervisor keeps
-(``state/shared.py``); for limits that hold across nodes use the Redis
-store (``docs/scale-out.md``).
+for their rates (``state/shared.py``; their duplicate cache is a table in
+shared memory, ``state/duplicates.py``); for limits that hold across nodes
+use the Redis store (``docs/scale-out.md``).
 
 Memory stays bounded: windows and keys whose time is over are dropped at
 most once per :data:`PRUNE_INTERVAL`, and the TTL set keeps at most

@@ -23,10 +23,17 @@ Redis outage (``[limits] redis_failure``).
 The supervisor (``smtpd/supervisor.py``) keeps one :class:`StoreService`
 when ``[limits]`` names no Redis, makes each worker's store channel beside
 its anvil channel and drives both from the same selector; the worker's
-``Service`` hands its end to ``abuse_from_settings``.  The counts and the
-duplicate cache live as long as the supervisor: a worker that dies and is
-replaced finds them as they were.  With Redis configured there is no store
-channel: every process asks Redis.
+``Service`` hands its end to ``abuse_from_settings``.  The counts live as
+long as the supervisor: a worker that dies and is replaced finds them as
+they were.  With Redis configured there is no store channel: every process
+asks Redis.
+
+The duplicate cache of the supervisor's workers is not asked here: they
+read and write it in memory they share (``state/duplicates.py``), which
+saves a round trip per message.  A worker's store is then a
+:class:`~.duplicates.TableBackedStore` in front of its :class:`SocketStore`,
+which carries only ``admit``.  ``seen`` and ``remember`` are still answered
+here, for a :class:`SocketStore` used on its own.
 """
 
 from __future__ import annotations
