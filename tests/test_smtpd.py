@@ -7,6 +7,7 @@ Each test is one behaviour; expected replies are the named constants from
 from __future__ import annotations
 
 import smtplib
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -588,6 +589,23 @@ def test_idle_client_is_disconnected_with_421(seeded_database: DatabaseSettings)
             c.read_reply()
             assert c.read_reply() == str(replies.timeout_exceeded(HOSTNAME))
             assert c.read_reply() == "(closed)"
+    finally:
+        server.close()
+
+
+def test_idle_timeout_counts_from_the_last_command(seeded_database: DatabaseSettings) -> None:
+    """The timer is moved by each command, not armed once: a client that keeps talking
+    for longer than the timeout in all is never cut off."""
+    server = ServerThread(seeded_database, command_timeout=0.5)
+    try:
+        with RawClient(server.host, server.port) as c:
+            c.read_reply()
+            started = time.monotonic()
+            while time.monotonic() - started < 1.2:  # the pauses are what is tested
+                time.sleep(0.2)
+                assert c.command("NOOP").startswith("250")
+            assert c.read_reply() == str(replies.timeout_exceeded(HOSTNAME))
+            assert time.monotonic() - started >= 1.2 + 0.5
     finally:
         server.close()
 
