@@ -1,20 +1,23 @@
-"""ARC sealing (RFC 8617) of forwarded mail, with dkimpy.
+"""ARC sealing (RFC 8617) of forwarded mail.
 
 A forwarder breaks SPF (new envelope) and sometimes DKIM (changed headers);
 ARC lets the next receiver see what *we* verified before we touched the
-message.  dkimpy's ``arc_sign`` does the work: it copies our
-``Authentication-Results`` (matched by authserv-id) into
-ARC-Authentication-Results, takes the chain validation state from its
-``arc=`` result, and adds ARC-Message-Signature and ARC-Seal with the next
-instance number.  An intact incoming chain is continued (``cv=pass``), a
-broken one sealed with ``cv=fail``, none started (``cv=none``).
+message.  A message without ARC fields starts a chain (``cv=none``): its
+set is built by ``signing.arc_set`` from the message parsed once for all
+its signatures, the ARC-Authentication-Results being the
+Authentication-Results we wrote.  A message continuing a chain goes to
+dkimpy's ``arc_sign``: it copies our ``Authentication-Results`` (matched by
+authserv-id) into ARC-Authentication-Results, takes the chain validation
+state from its ``arc=`` result, and adds ARC-Message-Signature and ARC-Seal
+with the next instance number: an intact chain is continued (``cv=pass``),
+a broken one sealed with ``cv=fail``.
 
 dkimpy seals :func:`~mailforward.headerfields.dkimpy_view` (its parser
 refuses obsolete header syntax); ARC canonicalizes relaxed only, so the seal
 is valid for the original bytes, which are what we send.
 
-dkimpy builds the three fields; the two RSA signatures (ARC-Message-Signature
-and ARC-Seal) are OpenSSL's (``rsa_openssl``), with the key parsed once when
+Either way the two RSA signatures (ARC-Message-Signature and ARC-Seal) are
+OpenSSL's (``rsa_openssl``), with the key parsed once when
 it was loaded (``DkimKey.private_pem`` is a ``PreparedRsaPem``).
 """
 

@@ -10,15 +10,16 @@ default is 127.0.0.1) gets a SigningTable signature.  ``sign_forwarded_as``
 is our addition: one key that signs *every* forwarded message, so receivers
 see a valid signature from the forwarder even when the author's breaks.
 
-Signatures are made by dkimpy with OpenDKIM's defaults: the header fields of
-RFC 6376 section 5.4.1 (libopendkim's ``dkim_should_signhdrs``) that are
-present, plus ``From`` over-signed as ``OversignHeaders From`` does.
-RSA keys sign rsa-sha256, the RSA step on OpenSSL (``rsa_openssl``: dkimpy
-builds the header, OpenSSL signs, with the key parsed once when its file is
-loaded); Ed25519 keys sign ed25519-sha256 (RFC 8463), which dkimpy does
-through PyNaCl (``dkimpy[ed25519]``).  Key files are PEM as
-opendkim-genkey writes them (PKCS#1 or PKCS#8; Ed25519 as PKCS#8), or
-dkimpy's bare base64 Ed25519 seed.
+Signatures follow OpenDKIM's defaults: the header fields of RFC 6376
+section 5.4.1 (libopendkim's ``dkim_should_signhdrs``) that are present,
+plus ``From`` over-signed as ``OversignHeaders From`` does.  RSA keys sign
+rsa-sha256: ``signing.dkim_signature`` builds the field from the message
+parsed once (byte for byte what dkimpy's ``sign()`` makes), OpenSSL signs
+(``rsa_openssl``, the key parsed once when its file is loaded); a message
+not parsed beforehand is signed by dkimpy as before.  Ed25519 keys sign
+ed25519-sha256 (RFC 8463), which dkimpy does through PyNaCl
+(``dkimpy[ed25519]``).  Key files are PEM as opendkim-genkey writes them
+(PKCS#1 or PKCS#8; Ed25519 as PKCS#8), or dkimpy's bare base64 Ed25519 seed.
 
 dkimpy's parser refuses header fields in RFC 5322's obsolete syntax
 (``Name  : value``); it reads them through ``headerfields``, which
